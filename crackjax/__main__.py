@@ -1,0 +1,5 @@
+import sys
+
+from crackjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,158 @@
+"""The `crackjax` command line: train, predict, weights."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from crackjax import __version__
+from crackjax.logs import USER_ERRORS, configure_plain_logging, hide_user_error_tracebacks, prefect_environment
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+def _add_head_options(parser: argparse.ArgumentParser) -> None:
+    from crackjax.head import CLASS_WEIGHTINGS, MONITORS, SCHEDULES, HeadConfig
+
+    defaults = HeadConfig()
+    group = parser.add_argument_group("head options")
+    group.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum training epochs (default %(default)s)")
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="head training batch size in feature vectors (default %(default)s)")
+    group.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="peak learning rate of the schedule (default %(default)s)")
+    group.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule, help="learning-rate schedule (default %(default)s)")
+    group.add_argument("--decay-rate", type=float, default=defaults.decay_rate, help="per-epoch factor of the exponential schedule (default %(default)s)")
+    group.add_argument("--hidden-units", type=int, default=defaults.hidden_units, help="units of one hidden ReLU layer; 0 for a linear head (default %(default)s)")
+    group.add_argument("--dropout", type=float, default=defaults.dropout, help="dropout rate after the hidden layer (default %(default)s)")
+    group.add_argument("--l2", type=float, default=defaults.l2, help="L2 penalty on the weights, added to the mean loss (default %(default)s)")
+    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="decoupled AdamW weight decay (default %(default)s)")
+    group.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=defaults.standardize, help="standardise features with the training mean and deviation (default %(default)s)")
+    group.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="label smoothing of the cross-entropy loss (default %(default)s)")
+    group.add_argument("--monitor", choices=MONITORS, default=defaults.monitor, help="validation metric for early stopping (default %(default)s)")
+    group.add_argument("--patience", type=int, default=defaults.patience, help="epochs without improvement before stopping; 0 turns early stopping off (default %(default)s)")
+    group.add_argument("--min-delta", type=float, default=defaults.min_delta, help="smallest change of the monitored metric that counts as an improvement (default %(default)s)")
+    group.add_argument("--class-weighting", choices=CLASS_WEIGHTINGS, default=defaults.class_weighting, help="loss weights per class against imbalance (default %(default)s)")
+    group.add_argument("--seed", type=int, default=defaults.seed, help="seed of head initialisation and shuffling (default %(default)s)")
+
+
+def _head_options(args: argparse.Namespace) -> dict:
+    from crackjax.head import HeadConfig
+
+    return {field.name: getattr(args, field.name) for field in dataclasses.fields(HeadConfig)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crackjax", description="Label concrete photos as cracked or uncracked by transfer learning.")
+    parser.add_argument("--version", action="version", version=f"crackjax {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser("train", help="train a classifier on a folder of labelled images (the crack-train flow)")
+    train.add_argument("assets", nargs="?", default="assets", help="image folder with one sub-folder per label (default %(default)s)")
+    train.add_argument("--workspace", default="workspace", help="folder for caches and models (default %(default)s)")
+    train.add_argument("--backbone", default=None, help="backbone name, as `crackjax weights list` shows (default resnet_v2_101, falling back to efficientnet_lite0 without its weights)")
+    train.add_argument("--weights", default=None, help="path of the backbone's weights file, instead of the cache")
+    train.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the bottleneck forward pass (default %(default)s)")
+    train.add_argument("--label-from", choices=("folder", "prefix"), default="folder", help="take labels from sub-folder names or file-name prefixes (default %(default)s)")
+    train.add_argument("--prefix-separator", default="_", help="separator after the label prefix, with --label-from prefix (default %(default)r)")
+    train.add_argument("--train-fraction", type=float, default=0.7, help="share of each label for training (default %(default)s)")
+    train.add_argument("--validation-fraction", type=float, default=0.9, help="share of the rest for validation; the remainder is test (default %(default)s)")
+    train.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split (default %(default)s)")
+    train.add_argument("--strict", action="store_true", help="fail on the first unreadable file instead of skipping it")
+    train.add_argument("--max-rejected-fraction", type=float, default=0.1, help="fail when more than this share of files is unreadable (default %(default)s)")
+    train.add_argument("--bottleneck-batch-size", type=int, default=32, help="images per bottleneck forward pass (default %(default)s)")
+    train.add_argument("--shard-size", type=int, default=512, help="images per bottleneck shard task (default %(default)s)")
+    train.add_argument("--dask-workers", type=int, default=0, help="run bottleneck shards on a local Dask cluster of this many worker processes")
+    train.add_argument("--dask-address", default=None, help="run bottleneck shards on the Dask scheduler at this address")
+    _add_head_options(train)
+    train.set_defaults(func=run_train)
+
+    predict = commands.add_parser("predict", help="classify an image or a folder of images")
+    predict.add_argument("path", help="image file or folder")
+    predict.add_argument("--model", default=None, help="model folder (default: the newest model of the workspace)")
+    predict.add_argument("--workspace", default="workspace", help="workspace whose newest model is used (default %(default)s)")
+    predict.add_argument("--weights", default=None, help="path of the backbone's weights file, instead of the cache")
+    output = predict.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON")
+    output.add_argument("--csv", action="store_true", help="print CSV")
+    predict.add_argument("--output", default=None, help="write the predictions to this file instead of stdout")
+    predict.set_defaults(func=run_predict)
+
+    from crackjax.backbones import package_resolver, weights_entries
+    from crackjax.weights.commands import add_weights_commands
+
+    add_weights_commands(commands, lambda: weights_entries().values(), package_resolver)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from flows.crack_train import crack_train
+
+    hide_user_error_tracebacks()
+    flow = crack_train
+    if args.dask_workers or args.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        runner = DaskTaskRunner(address=args.dask_address) if args.dask_address else DaskTaskRunner(cluster_kwargs={"n_workers": args.dask_workers, "threads_per_worker": 1})
+        flow = crack_train.with_options(task_runner=runner)
+
+    result = flow(
+        assets=args.assets,
+        workspace=args.workspace,
+        backbone=args.backbone,
+        weights=args.weights,
+        compute_dtype=args.compute_dtype,
+        label_from=args.label_from,
+        prefix_separator=args.prefix_separator,
+        train_fraction=args.train_fraction,
+        validation_fraction=args.validation_fraction,
+        split_seed=args.split_seed,
+        strict=args.strict,
+        max_rejected_fraction=args.max_rejected_fraction,
+        bottleneck_batch_size=args.bottleneck_batch_size,
+        shard_size=args.shard_size,
+        head=_head_options(args),
+    )
+    print(result["test_table"])
+    print(f"validation accuracy {result['validation_accuracy']:.4f}, test accuracy {result['test_accuracy']:.4f}, backbone {result['backbone']}")
+    print(f"model: {result['model_dir']}")
+    return EXIT_OK
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from crackjax.export import newest_model
+    from crackjax.predict import Predictor, format_predictions, predict_path
+
+    configure_plain_logging()
+    model_dir = Path(args.model) if args.model else newest_model(args.workspace)
+    predictor = Predictor(model_dir, weights_path=args.weights)
+    results = predict_path(predictor, args.path)
+    output_format = "json" if args.json else "csv" if args.csv else "table"
+    text = format_predictions(results, output_format)
+    if args.output:
+        from crackjax.atomic import write_text
+
+        write_text(args.output, text + "\n")
+        print(f"predictions for {len(results)} images written to {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    return EXIT_FAILED if any(result.error for result in results) and len(results) == 1 else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    prefect_environment()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as error:
+        print(f"crackjax: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("crackjax: interrupted; rerun the same command to resume from the cached stages", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

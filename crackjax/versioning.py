@@ -1,0 +1,28 @@
+"""Code versions for cache keys: a digest of the source of the modules a stage depends on."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+from pathlib import Path
+
+from crackjax import __version__
+
+
+@functools.cache
+def code_digest(*module_names: str) -> str:
+    """Return a sha256 over the crackjax version and the source files of `module_names`.
+
+    A package name covers every `.py` file under it. Any edit to those files changes
+    the digest, so cached results of a stage are recomputed after its code changes.
+    """
+    digest = hashlib.sha256(__version__.encode())
+    for name in sorted(module_names):
+        module = importlib.import_module(name)
+        path = Path(module.__file__)
+        files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+        for file in files:
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()

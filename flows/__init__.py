@@ -1,0 +1,1 @@
+"""Prefect flows that wire the crackjax stages into `crack-train` and `crack-predict`."""

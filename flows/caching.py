@@ -1,0 +1,73 @@
+"""Content-keyed caching for the crack-train tasks.
+
+A task's cache key is a digest of its input data (the digests that upstream stages
+return, or the image folder's fingerprint for ingest), its parameters, and a digest
+of the source of every crackjax module the stage depends on. Results are persisted
+in the workspace, so each workspace has its own cache.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from crackjax.store import digest_of
+from crackjax.versioning import code_digest
+
+STAGE_MODULES = {
+    "ingest": ("crackjax.ingest", "crackjax.images"),
+    "preprocess": ("crackjax.preprocess", "crackjax.images", "crackjax.store", "crackjax.stages"),
+    "train": ("crackjax.head", "crackjax.stages"),
+    "evaluate": ("crackjax.head", "crackjax.metrics", "crackjax.stages"),
+    "export": ("crackjax.export", "crackjax.stages"),
+}
+
+
+def stage_cache_key(stage: str, key_inputs: Callable[[dict], Any] | None = None) -> Callable:
+    """Return a Prefect `cache_key_fn` for `stage`.
+
+    `key_inputs(parameters)` returns what identifies the stage's input (by default the
+    parameters themselves, which carry upstream digests).
+    """
+    modules = STAGE_MODULES[stage]
+
+    def cache_key(context, parameters: dict) -> str:
+        inputs = key_inputs(parameters) if key_inputs else parameters
+        return f"{stage}-{digest_of({'inputs': _jsonable(inputs), 'code': code_digest(*modules)})[:32]}"
+
+    return cache_key
+
+
+def result_storage(workspace: str | Path) -> Path:
+    """Return the folder for persisted task results and cache records of `workspace`.
+
+    Prefect 3 accepts a `Path` as result storage and reads it as a local file system.
+    """
+    folder = Path(workspace).expanduser().resolve() / ".prefect-results"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def outputs_exist(result: dict) -> bool:
+    """Return whether every file or folder a cached stage result names still exists."""
+    for key, value in result.items():
+        if key in ("dataset", "rejected", "pixels", "features", "plan", "head", "history", "metrics", "model_dir") and isinstance(value, str):
+            if not os.path.exists(value):
+                return False
+    return True
+
+
+# Fields of stage results that describe how a run went, not what it produced.
+_VOLATILE_FIELDS = frozenset({"seconds", "computed", "cached", "decoded"})
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items() if key not in _VOLATILE_FIELDS}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

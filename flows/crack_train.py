@@ -1,0 +1,152 @@
+"""The `crack-train` flow: labelled photos to an exported crack classifier.
+
+ingest -> preprocess -> bottleneck (plan, shards mapped over the task runner, finish)
+-> train -> evaluate -> export. Every task is cached by content (see `flows.caching`),
+so a rerun with unchanged data skips every stage, a head-only change reruns train,
+evaluate and export, and added images get features computed for them alone.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+
+import logging
+
+from crackjax import stages
+from crackjax.ingest import folder_fingerprint
+from flows.caching import outputs_exist, result_storage, stage_cache_key
+
+# Stage logs (counts, epochs, metrics) reach the flow-run log when Prefect lists
+# `crackjax` in PREFECT_LOGGING_EXTRA_LOGGERS; they are INFO records.
+logging.getLogger("crackjax").setLevel(logging.INFO)
+
+
+def _ingest_key_inputs(parameters: dict) -> dict:
+    inputs = dict(parameters)
+    inputs["fingerprint"] = folder_fingerprint(parameters["assets"])
+    inputs["assets"] = str(Path(parameters["assets"]).expanduser().resolve())
+    return inputs
+
+
+@task(name="ingest", cache_key_fn=stage_cache_key("ingest", _ingest_key_inputs), persist_result=True)
+def ingest(assets: str, workspace: str, options: dict) -> dict:
+    return stages.ingest_stage(assets, workspace, **options)
+
+
+@task(name="preprocess", cache_key_fn=stage_cache_key("preprocess"), persist_result=True)
+def preprocess(ingested: dict, workspace: str, input_size: int, options: dict) -> dict:
+    return stages.preprocess_stage(ingested, workspace, input_size, **options)
+
+
+@task(name="resolve-backbone")
+def resolve_backbone(name: str | None, weights_path: str | None, compute_dtype: str) -> dict:
+    return stages.resolve_backbone_stage(name, weights_path, compute_dtype)
+
+
+@task(name="bottleneck-plan")
+def bottleneck_plan(preprocessed: dict, backbone: dict, workspace: str, shard_size: int) -> dict:
+    return stages.bottleneck_plan_stage(preprocessed, backbone, workspace, shard_size=shard_size)
+
+
+@task(name="bottleneck-shard")
+def bottleneck_shard(index: int, plan: dict, preprocessed: dict, backbone: dict, workspace: str, batch_size: int) -> int:
+    return stages.bottleneck_shard_stage(plan, index, preprocessed, backbone, workspace, batch_size=batch_size)
+
+
+@task(name="bottleneck-finish")
+def bottleneck_finish(plan: dict, computed: list[int], seconds: float, preprocessed: dict, backbone: dict, workspace: str) -> dict:
+    return stages.bottleneck_finish_stage(plan, computed, seconds, preprocessed, backbone, workspace)
+
+
+@task(name="train", cache_key_fn=stage_cache_key("train"), persist_result=True)
+def train(preprocessed: dict, features: dict, head_config: dict, workspace: str) -> dict:
+    return stages.train_stage(preprocessed, features, head_config, workspace)
+
+
+@task(name="evaluate", cache_key_fn=stage_cache_key("evaluate"), persist_result=True)
+def evaluate(preprocessed: dict, features: dict, trained: dict) -> dict:
+    return stages.evaluate_stage(preprocessed, features, trained)
+
+
+@task(name="export", cache_key_fn=stage_cache_key("export"), persist_result=True)
+def export(workspace: str, preprocessed: dict, backbone: dict, features: dict, trained: dict, evaluated: dict) -> dict:
+    return stages.export_stage(workspace, preprocessed=preprocessed, backbone=backbone, features=features, trained=trained, evaluated=evaluated)
+
+
+def _run_cached(task_function, storage, *args):
+    """Run a cached task; if the outputs its cached result names were deleted, run it again."""
+    result = task_function.with_options(result_storage=storage)(*args)
+    if isinstance(result, dict) and not outputs_exist(result):
+        get_run_logger().warning("%s: cached outputs are missing from the workspace; running the stage again", task_function.name)
+        result = task_function.with_options(result_storage=storage, refresh_cache=True)(*args)
+    return result
+
+
+@flow(name="crack-train", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def crack_train(
+    assets: str = "assets",
+    workspace: str = "workspace",
+    backbone: str | None = None,
+    weights: str | None = None,
+    compute_dtype: str = "float32",
+    label_from: str = "folder",
+    prefix_separator: str = "_",
+    train_fraction: float = 0.7,
+    validation_fraction: float = 0.9,
+    split_seed: int = 0,
+    strict: bool = False,
+    max_rejected_fraction: float = 0.1,
+    bottleneck_batch_size: int = 32,
+    shard_size: int = 512,
+    head: dict | None = None,
+) -> dict:
+    """Train a crack classifier on the labelled images under `assets` and export it into `workspace/models`.
+
+    `backbone` None means the default ResNet-v2-101, with a fallback to
+    EfficientNet-Lite0 when its weights are missing. `head` holds head options by the
+    names of `crackjax.head.HeadConfig` (epochs, learning_rate, schedule, ...).
+    """
+    from crackjax.head import HeadConfig
+
+    logger = get_run_logger()
+    workspace = str(Path(workspace).expanduser().resolve())
+    storage = result_storage(workspace)
+    head_config = HeadConfig(**(head or {})).to_dict()
+
+    ingested = _run_cached(ingest, storage, assets, workspace, {
+        "label_from": label_from, "prefix_separator": prefix_separator, "train_fraction": train_fraction,
+        "validation_fraction": validation_fraction, "seed": split_seed, "strict": strict,
+    })
+    resolved = resolve_backbone(backbone, weights, compute_dtype)
+    preprocessed = _run_cached(preprocess, storage, ingested, workspace, resolved["input_size"], {
+        "strict": strict, "max_rejected_fraction": max_rejected_fraction,
+    })
+
+    started = time.perf_counter()
+    plan = bottleneck_plan(preprocessed, resolved, workspace, shard_size)
+    futures = bottleneck_shard.map(
+        list(range(plan["shards"])), unmapped(plan), unmapped(preprocessed), unmapped(resolved), unmapped(workspace), unmapped(bottleneck_batch_size)
+    )
+    computed = [future.result() for future in futures]
+    features = bottleneck_finish(plan, computed, time.perf_counter() - started, preprocessed, resolved, workspace)
+
+    trained = _run_cached(train, storage, preprocessed, features, head_config, workspace)
+    evaluated = _run_cached(evaluate, storage, preprocessed, features, trained)
+    exported = _run_cached(export, storage, workspace, preprocessed, resolved, features, trained, evaluated)
+
+    logger.info("crack-train: model %s in %s", exported["model_id"], exported["model_dir"])
+    return {
+        "model_dir": exported["model_dir"],
+        "model_id": exported["model_id"],
+        "backbone": resolved["name"],
+        "fallback_reason": resolved["fallback_reason"],
+        "validation_accuracy": evaluated["validation_accuracy"],
+        "test_accuracy": evaluated["test_accuracy"],
+        "test_table": evaluated["test_table"],
+        "features_computed": features["computed"],
+        "features_cached": features["cached"],
+    }
