@@ -18,12 +18,13 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
+from conftest import SDNET_DIR
 from crackjax.backbones import bit
 from crackjax.backbones.base import MINUS_ONE_TO_ONE, scale_pixels
 from crackjax.weights.bit_npz import load_bit_npz
 from crackjax.weights.entry import WeightsError, WeightsMissingError
 
-DATASET = Path("/work/shared/datasets/sdnet2018-decks")
+DATASET = SDNET_DIR
 IMAGES = (DATASET / "CD" / "7001-115.jpg", DATASET / "UD" / "7001-100.jpg")
 TOLERANCE = 1e-4
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import SDNET_DIR
 from crackjax.backbones.base import scale_pixels
 from crackjax.backbones.efficientnet_lite import (
     BACKBONES,
@@ -31,7 +32,7 @@ from crackjax.weights.torch_pth import read_state_dict
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-DATASET = Path("/work/shared/datasets/sdnet2018-decks")
+DATASET = SDNET_DIR
 CRACKED_IMAGE = DATASET / "CD" / "7001-115.jpg"
 UNCRACKED_IMAGE = DATASET / "UD" / "7001-1.jpg"
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import SDNET_DIR
 from crackjax.backbones.base import MINUS_ONE_TO_ONE, scale_pixels
 from crackjax.backbones.resnet_v2 import BACKBONES, FEATURE_SIZE, WEIGHTS, ResNetV2, load_params
 from crackjax.weights.entry import WeightsError
@@ -30,7 +31,7 @@ legacy_h5_format = pytest.importorskip("keras.src.legacy.saving.legacy_h5_format
 if keras.backend.backend() != "jax":
     pytest.skip(f"Keras runs on the {keras.backend.backend()} backend; set KERAS_BACKEND=jax", allow_module_level=True)
 
-DATASET = Path("/work/shared/datasets/sdnet2018-decks")
+DATASET = SDNET_DIR
 CRACKED_IMAGE = DATASET / "CD" / "7001-115.jpg"
 UNCRACKED_IMAGE = DATASET / "UD" / "7001-1.jpg"
 
