@@ -1,8 +1,8 @@
 """Head: a softmax classifier trained with optax on cached bottleneck features.
 
-The head is linear by default, with one optional hidden layer. Features are
-standardised with the training split's mean and standard deviation, which are stored
-with the head. One jitted call runs a whole epoch (shuffle, fixed-shape batches with
+The head is linear by default, with one optional hidden layer. With `standardize`,
+features are scaled by the training split's mean and standard deviation; both are
+stored with the head either way (zeros and ones when off). One jitted call runs a whole epoch (shuffle, fixed-shape batches with
 the last one padded and masked, and `lax.scan` over the batches), so 100 epochs on a
 few hundred features take seconds.
 """
@@ -35,9 +35,9 @@ class HeadConfig:
     `learning_rate` is the peak rate of the schedule. `decay_rate` is the factor the
     exponential schedule applies per epoch. `l2` is a penalty `l2 / 2 * sum(w ** 2)`
     on the kernels, added to the mean loss; `weight_decay` is AdamW's decoupled decay.
-    Early stopping watches `monitor` on the validation split, stops after `patience`
-    epochs without an improvement of at least `min_delta`, and restores the best
-    epoch; `patience=0` turns it off.
+    Early stopping watches `monitor` on the validation split. It stops after `patience`
+    epochs without an improvement of at least `min_delta` and restores the best
+    epoch. `patience=0` turns it off.
 
     The defaults train an L2-regularised logistic regression to convergence on raw
     features. On the 400 SDNET2018 deck images with EfficientNet-Lite0 features this

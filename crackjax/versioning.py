@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
+import importlib.util
 from pathlib import Path
 
 from crackjax import __version__
@@ -19,8 +19,12 @@ def code_digest(*module_names: str) -> str:
     """
     digest = hashlib.sha256(__version__.encode())
     for name in sorted(module_names):
-        module = importlib.import_module(name)
-        path = Path(module.__file__)
+        # find_spec locates the source without importing it, so keying a cached stage
+        # does not pay for importing JAX.
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError(f"module {name!r} not found; cannot compute its code digest")
+        path = Path(spec.origin)
         files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
         for file in files:
             digest.update(file.name.encode())
