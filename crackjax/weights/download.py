@@ -10,6 +10,7 @@ serializes processes that fetch the same file.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import http.client
@@ -43,6 +44,21 @@ PackageResolver = Callable[[WeightsEntry], Path]
 
 class _IncompleteDownload(Exception):
     """The server closed the connection before sending the whole file."""
+
+
+MIRROR_VARIABLE = "CRACKJAX_WEIGHTS_MIRROR"
+
+
+def mirrored(entry: WeightsEntry) -> WeightsEntry:
+    """Return `entry` with its URL moved to `$CRACKJAX_WEIGHTS_MIRROR/<file name>` when that variable is set.
+
+    Sites without access to the publishers' hosts can serve the same files from an
+    internal server. Entries without a URL (files installed by a package) are unchanged.
+    """
+    mirror = os.environ.get(MIRROR_VARIABLE)
+    if not mirror or entry.url is None:
+        return entry
+    return dataclasses.replace(entry, url=f"{mirror.rstrip('/')}/{entry.file_name}")
 
 
 # ---------------------------------------------------------------------------
@@ -411,7 +427,11 @@ def fetch_weights(
     hand. Raises WeightsError on an HTTP error such as 404, a checksum or size
     mismatch, or when every attempt fails. On any error the cached file, if one
     exists, is left unchanged, and no `.part` file remains.
+
+    When `CRACKJAX_WEIGHTS_MIRROR` is set, the file is fetched from that base URL
+    instead (see `mirrored`); the checksums stay those of the publisher.
     """
+    entry = mirrored(entry)
     if entry.url is None:
         if entry.package:
             raise WeightsError(
