@@ -9,7 +9,7 @@ WORKSPACE ?= workspace
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test install install-test predict clean-venv
+.PHONY: train test install install-test predict clean-venv serve deploy stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,20 @@ test: $(VENV)/.installed-test
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Local Prefect service (see docs/deployment.md). The server listens on 127.0.0.1:PREFECT_PORT;
+# pid files, logs and the default PREFECT_HOME (SQLite database) are under .prefect-local/.
+PREFECT_PORT ?= 4200
+SERVICE := PREFECT_BIN=$(BIN)/prefect PREFECT_PORT=$(PREFECT_PORT) flows/local_service.sh
+
+## Start a Prefect server and a process worker in the background and deploy prefect.yaml.
+serve: $(VENV)/.installed
+	$(SERVICE) serve
+
+## Deploy prefect.yaml again to the running server (after editing it).
+deploy: $(VENV)/.installed
+	$(SERVICE) deploy
+
+## Stop the worker and the server that `make serve` started.
+stop:
+	$(SERVICE) stop

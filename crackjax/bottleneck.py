@@ -186,6 +186,26 @@ def describe_counts(total: int, cached: int, computed: int, seconds: float) -> s
     return f"{total} images, {cached} cached, {computed} computed in {seconds:.1f} s ({rate:.1f} img/s)"
 
 
+def feature_fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Compare two `(n, features)` feature matrices row by row.
+
+    Returns `max_abs_diff` over all values and the `min_cosine` and `mean_cosine`
+    similarity of matching rows. A row of zeros in both counts as cosine 1.
+    """
+    reference = np.asarray(reference, np.float64)
+    candidate = np.asarray(candidate, np.float64)
+    if reference.shape != candidate.shape:
+        raise ValueError(f"feature shapes differ: {reference.shape} and {candidate.shape}")
+    dot = np.sum(reference * candidate, axis=1)
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
+    cosine = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 1.0)
+    return {
+        "max_abs_diff": float(np.max(np.abs(reference - candidate))) if reference.size else 0.0,
+        "min_cosine": float(np.min(cosine)) if len(cosine) else 1.0,
+        "mean_cosine": float(np.mean(cosine)) if len(cosine) else 1.0,
+    }
+
+
 def load_feature_matrix(store: PartStore, keys: list[str], feature_size: int) -> np.ndarray:
     """Return the `(len(keys), feature_size) float32` features of `keys`, in their order.
 
@@ -227,7 +247,9 @@ def load_backbone(name: str, weights_name: str, weights_path: str | Path, *, com
     `compute_dtype` is `float32` or `bfloat16`; features are returned as float32 either way.
     """
     from crackjax.backbones import file_sha256
+    from crackjax.runtime import configure_jax
 
+    configure_jax()
     if compute_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"compute dtype must be float32 or bfloat16, not {compute_dtype!r}")
     return _load_backbone_cached(name, weights_name, str(weights_path), file_sha256(weights_path), compute_dtype)

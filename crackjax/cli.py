@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import threading
 from pathlib import Path
 
 from crackjax import __version__
@@ -65,12 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--shard-size", type=int, default=512, help="images per bottleneck shard task (default %(default)s)")
     train.add_argument("--dask-workers", type=int, default=0, help="run bottleneck shards on a local Dask cluster of this many worker processes")
     train.add_argument("--dask-address", default=None, help="run bottleneck shards on the Dask scheduler at this address")
+    train.add_argument("--promote", choices=("auto", "force", "never"), default="auto", help="make the new model the champion: when not worse (auto), always, or never (default %(default)s)")
+    train.add_argument("--promotion-metric", choices=("accuracy", "macro_f1", "loss"), default="accuracy", help="validation metric that decides promotion (default %(default)s)")
+    train.add_argument("--promotion-tolerance", type=float, default=0.0, help="how much worse than the champion, in the metric's unit, still promotes (default %(default)s)")
     _add_head_options(train)
     train.set_defaults(func=run_train)
 
     predict = commands.add_parser("predict", help="classify an image or a folder of images")
     predict.add_argument("path", help="image file or folder")
-    predict.add_argument("--model", default=None, help="model folder (default: the newest model of the workspace)")
+    predict.add_argument("--model", default=None, help="model folder, model id or version number (default: the workspace's champion, or its newest model when none is registered)")
     predict.add_argument("--workspace", default="workspace", help="workspace whose newest model is used (default %(default)s)")
     predict.add_argument("--weights", default=None, help="path of the backbone's weights file, instead of the cache")
     output = predict.add_mutually_exclusive_group()
@@ -83,12 +88,59 @@ def build_parser() -> argparse.ArgumentParser:
     from crackjax.weights.commands import add_weights_commands
 
     add_weights_commands(commands, lambda: weights_entries().values(), package_resolver)
+
+    from crackjax.registry_commands import add_models_commands
+
+    add_models_commands(commands)
     return parser
 
 
+def check_train_options(args: argparse.Namespace) -> None:
+    """Raise CrackjaxError for an invalid folder or option before the flow starts Prefect's server."""
+    from crackjax.errors import CrackjaxError, DatasetError
+
+    assets = Path(args.assets).expanduser()
+    if not assets.is_dir():
+        raise DatasetError(f"image folder {assets} not found; pass the folder that contains one sub-folder per label")
+    for name in ("train_fraction", "validation_fraction"):
+        value = getattr(args, name)
+        if not 0.0 < value < 1.0:
+            raise CrackjaxError(f"--{name.replace('_', '-')} {value} is invalid; use a value strictly between 0 and 1")
+    if not 0.0 <= args.max_rejected_fraction <= 1.0:
+        raise CrackjaxError(f"--max-rejected-fraction {args.max_rejected_fraction} is invalid; use a value from 0 to 1")
+    for name in ("bottleneck_batch_size", "shard_size", "epochs", "batch_size"):
+        value = getattr(args, name, 1)
+        if value < 1:
+            raise CrackjaxError(f"--{name.replace('_', '-')} {value} is invalid; use a whole number of at least 1")
+
+
+def _start_temporary_server() -> threading.Thread | None:
+    """Start Prefect's temporary server in a background thread when no API URL is set.
+
+    The server process boots (about 4 s) while this process imports JAX and the flow,
+    instead of after it. Join the thread before the flow runs.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+
+    def start() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        SubprocessASGIServer().start()
+
+    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_train(args: argparse.Namespace) -> int:
+    check_train_options(args)
+    server_thread = _start_temporary_server()
+
     from flows.crack_train import crack_train
 
+    if server_thread is not None:
+        server_thread.join()
     hide_user_error_tracebacks()
     flow = crack_train
     if args.dask_workers or args.dask_address:
@@ -113,19 +165,24 @@ def run_train(args: argparse.Namespace) -> int:
         bottleneck_batch_size=args.bottleneck_batch_size,
         shard_size=args.shard_size,
         head=_head_options(args),
+        promote=args.promote,
+        promotion_metric=args.promotion_metric,
+        promotion_tolerance=args.promotion_tolerance,
     )
     print(result["test_table"])
     print(f"validation accuracy {result['validation_accuracy']:.4f}, test accuracy {result['test_accuracy']:.4f}, backbone {result['backbone']}")
+    print(f"version {result['model_version']} {result['promotion']}: {result['promotion_reason']}")
     print(f"model: {result['model_dir']}")
     return EXIT_OK
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from crackjax.export import newest_model
-    from crackjax.predict import Predictor, format_predictions, predict_path
+    from crackjax.predict import Predictor, check_target, format_predictions, predict_path
+    from crackjax.registry import resolve_model
 
     configure_plain_logging()
-    model_dir = Path(args.model) if args.model else newest_model(args.workspace)
+    check_target(args.path)
+    model_dir = resolve_model(args.workspace, args.model)
     predictor = Predictor(model_dir, weights_path=args.weights)
     results = predict_path(predictor, args.path)
     output_format = "json" if args.json else "csv" if args.csv else "table"
@@ -144,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     prefect_environment()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("train", "predict"):
+        from crackjax.runtime import configure_jax
+
+        configure_jax()
     try:
         return args.func(args)
     except USER_ERRORS as error:

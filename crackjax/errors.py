@@ -9,7 +9,15 @@ class CrackjaxError(Exception):
 
 
 class DatasetError(CrackjaxError):
-    """The image folder cannot give a usable dataset (empty class, one class, too few images)."""
+    """The image folder cannot give a usable dataset (empty class, one class, too few images).
+
+    `rejected` lists the files left out before the error, so a caller can still write
+    the rejected-files report.
+    """
+
+    def __init__(self, message: str, rejected: list | None = None):
+        super().__init__(message)
+        self.rejected = list(rejected or [])
 
 
 class ImageError(CrackjaxError):
@@ -23,3 +31,7 @@ class ImageError(CrackjaxError):
 
 class ModelError(CrackjaxError):
     """A model folder is missing, incomplete or corrupt."""
+
+
+class DiskFullError(CrackjaxError):
+    """A write failed because the disk is full, a file-size limit was reached or a quota is used up."""

@@ -2,9 +2,11 @@
 
 `workspace/models/<model-id>/` contains an orbax checkpoint of the head
 (`checkpoint/`), `manifest.json` (labels, backbone and weights sha256, preprocessing,
-input size, metrics, data digest, crackjax version), `metrics.json`, `history.json`
-and `rejected.csv`. The folder is assembled under a temporary name and renamed into
-place, so a model folder is either complete or absent.
+input size, metrics, data digest, crackjax version, and the sha256 of every checkpoint
+file), `metrics.json`, `history.json` and `rejected.csv`. The folder is assembled
+under a temporary name and renamed into place, so a model folder is either complete
+or absent. Loading checks the checkpoint files against the manifest, so a damaged
+model is rejected rather than used.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 
 from crackjax import __version__
-from crackjax.atomic import TEMP_PREFIX, write_json
+from crackjax.atomic import TEMP_PREFIX, fsync_dir, raise_if_no_space, write_json
 from crackjax.errors import ModelError
 from crackjax.ingest import RejectedFile
 
@@ -29,6 +32,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+
+# Temporary folders of exports older than this are left over from killed runs and
+# removed by the next export; a live export takes seconds.
+STALE_EXPORT_SECONDS = 3600
 
 
 def models_dir(workspace: str | Path) -> Path:
@@ -43,12 +50,18 @@ def new_model_id(data_digest: str) -> str:
 
 
 def write_rejected_csv(path: str | Path, rejected: list[RejectedFile]) -> None:
-    """Write the rejected-files report (`path,reason`) to `path`."""
+    """Write the rejected-files report (`path,reason,kind`) to `path`."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "reason"])
+        writer.writerow(["path", "reason", "kind"])
         for item in rejected:
-            writer.writerow([item.path, item.reason])
+            writer.writerow([item.path, item.reason, item.kind])
+
+
+def read_rejected_csv(path: str | Path) -> list[RejectedFile]:
+    """Read a rejected-files report; reports without a `kind` column count every row as unreadable."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [RejectedFile(row["path"], row["reason"], row.get("kind") or "unreadable") for row in csv.DictReader(handle)]
 
 
 def export_model(
@@ -74,6 +87,7 @@ def export_model(
     final = root / model_id
     if final.exists():
         raise ModelError(f"model folder {final} already exists; model ids must be unique")
+    _remove_stale_exports(root)
     temporary = root / f"{TEMP_PREFIX}{model_id}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
@@ -94,15 +108,39 @@ def export_model(
         write_json(temporary / "metrics.json", metrics)
         write_json(temporary / "history.json", history)
         write_rejected_csv(temporary / "rejected.csv", rejected)
+        manifest["checkpoint_sha256"] = checkpoint_digests(temporary / "checkpoint")
         # The manifest is written last: a folder with a manifest is complete.
         write_json(temporary / MANIFEST_NAME, manifest)
         os.replace(temporary, final)
-    except BaseException:
+        fsync_dir(root)
+    except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
+        raise_if_no_space(error, final)
         raise
 
     log.info("export: model %s written to %s", model_id, final)
     return final
+
+
+def checkpoint_digests(checkpoint: str | Path) -> dict[str, str]:
+    """Return the sha256 of every file under `checkpoint`, by POSIX path relative to it."""
+    from crackjax.store import file_digest
+
+    checkpoint = Path(checkpoint)
+    return {path.relative_to(checkpoint).as_posix(): file_digest(path) for path in sorted(checkpoint.rglob("*")) if path.is_file()}
+
+
+def _remove_stale_exports(root: Path) -> None:
+    """Remove temporary export folders left by runs killed more than STALE_EXPORT_SECONDS ago."""
+    now = time.time()
+    for folder in root.glob(f"{TEMP_PREFIX}*"):
+        try:
+            age = now - folder.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age > STALE_EXPORT_SECONDS:
+            log.info("export: removing %s, left by an interrupted export", folder)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def list_models(workspace: str | Path) -> list[dict]:
@@ -160,12 +198,37 @@ def load_head_state(model_dir: str | Path) -> dict:
     checkpoint = Path(model_dir).resolve() / "checkpoint"
     if not checkpoint.is_dir():
         raise ModelError(f"{checkpoint} not found; the model folder is incomplete, so train again or pass another --model")
+    _verify_checkpoint(Path(model_dir), checkpoint)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             state = checkpointer.restore(checkpoint)
     except Exception as error:  # orbax raises many types (ValueError, FileNotFoundError, tensorstore errors)
         raise ModelError(f"cannot restore the checkpoint {checkpoint} ({type(error).__name__}: {error}); the model folder is corrupt, so train again") from None
     return _to_numpy(state)
+
+
+def _verify_checkpoint(model_dir: Path, checkpoint: Path) -> None:
+    """Raise ModelError when a checkpoint file is missing, added or changed since export.
+
+    Models exported before the manifest listed `checkpoint_sha256` are not checked.
+    """
+    try:
+        expected = json.loads((model_dir / MANIFEST_NAME).read_text(encoding="utf-8")).get("checkpoint_sha256")
+    except (OSError, ValueError):
+        expected = None
+    if not expected:
+        return
+    actual = checkpoint_digests(checkpoint)
+    for name in sorted(set(expected) | set(actual)):
+        if name not in actual:
+            problem = "is missing"
+        elif name not in expected:
+            problem = "was added after export"
+        elif actual[name] != expected[name]:
+            problem = f"has sha256 {actual[name][:12]}..., but the manifest records {expected[name][:12]}..."
+        else:
+            continue
+        raise ModelError(f"checkpoint file {checkpoint / name} {problem}; the model folder is corrupt, so train again or pass another --model")
 
 
 def _to_numpy(tree):

@@ -71,8 +71,17 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         raise ImageError(path, f"image too large to decode safely ({error}); downscale it below {MAX_IMAGE_PIXELS:,} pixels") from None
     except UnidentifiedImageError:
         raise ImageError(path, "not an image Pillow can identify; remove the file or convert it to JPEG or PNG") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(path, f"cannot decode image ({error}); the file may be truncated or corrupt, so replace or remove it") from None
+    except FileNotFoundError:
+        raise ImageError(path, "file not found; it was moved or deleted after the folder was scanned, so run again") from None
+    except PermissionError:
+        raise ImageError(path, "permission denied; make the file readable or remove it") from None
+    except MemoryError:
+        raise ImageError(path, f"out of memory while decoding; downscale the image below {MAX_IMAGE_PIXELS:,} pixels") from None
+    except Exception as error:  # noqa: BLE001
+        # Pillow's decoders raise OSError, SyntaxError and ValueError for most corrupt
+        # files, but EOFError, struct.error, IndexError or TypeError for some. One bad
+        # file becomes a rejected file instead of aborting the run.
+        raise ImageError(path, f"cannot decode image ({type(error).__name__}: {error}); the file may be truncated or corrupt, so replace or remove it") from None
 
     if array.shape != (size, size, 3):
         raise ImageError(path, f"decoded to shape {array.shape}, expected {(size, size, 3)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -55,12 +56,24 @@ class ImageRecord:
     size_bytes: int
 
 
+# Kinds of rejected files. Only `unreadable` files count against --max-rejected-fraction:
+# an unsupported file type (such as annotation `.xml` beside each image), a duplicate
+# or a stray file outside the label folders is reported but is no sign of damaged data.
+UNREADABLE = "unreadable"
+UNSUPPORTED = "unsupported"
+DUPLICATE = "duplicate"
+CONFLICT = "conflict"
+UNLABELLED = "unlabelled"
+LINK = "link"
+
+
 @dataclasses.dataclass(frozen=True)
 class RejectedFile:
-    """A file left out of the dataset, with the reason and the fix."""
+    """A file left out of the dataset, with the reason and the fix; `kind` is one of the kinds above."""
 
     path: str
     reason: str
+    kind: str = UNREADABLE
 
 
 @dataclasses.dataclass
@@ -103,7 +116,13 @@ def iter_files(root: Path, rejected: list[RejectedFile]) -> tuple[list[Path], in
     for folder, dir_names, file_names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in visited:
-            rejected.append(RejectedFile(_relative(Path(folder), root), "symbolic link loop; the folder was already scanned, so remove the link"))
+            rejected.append(
+                RejectedFile(
+                    _relative(Path(folder), root),
+                    f"symbolic link to {real}, a folder already scanned (a link loop or a second link to it); remove the link",
+                    LINK,
+                )
+            )
             dir_names[:] = []
             continue
         visited.add(real)
@@ -148,25 +167,53 @@ def scan_folder(
         relative = _relative(path, root)
         label = _label_for(path, root, label_from, prefix_separator)
         problem = None
+        kind = UNREADABLE
         if label is None:
+            kind = UNLABELLED
             if label_from == LABEL_FROM_FOLDER:
                 problem = "not inside a label folder; move it into a sub-folder named after its label"
             else:
                 problem = f"file name has no label prefix before {prefix_separator!r}; rename it like LABEL{prefix_separator}name.jpg"
         elif path.suffix.lower() not in extensions:
+            kind = UNSUPPORTED
             problem = f"unsupported file type {path.suffix or '(no extension)'!r}; crackjax reads the image formats Pillow decodes, such as JPEG and PNG"
         else:
             problem = _header_problem(path)
 
         if problem is not None:
             if strict:
-                raise ImageError(relative, problem)
-            rejected.append(RejectedFile(relative, problem))
+                raise ImageError(path, f"{problem} (--strict stops at the first rejected file; without it such files are skipped)")
+            rejected.append(RejectedFile(relative, problem, kind))
             continue
         candidates.append(ImageRecord(relative, label, sha256_file(path), path.stat().st_size))
 
     records = _resolve_duplicates(candidates, rejected, strict)
+    if label_from == LABEL_FROM_FOLDER:
+        _check_label_folders(root, records, rejected)
     return ScanResult(root=root, records=records, rejected=rejected, hidden_skipped=hidden)
+
+
+def label_folders(root: Path) -> list[str]:
+    """Return the names of the visible sub-folders of `root` (symbolic links followed), sorted."""
+    return sorted(entry.name for entry in root.iterdir() if not entry.name.startswith(".") and entry.is_dir())
+
+
+def _check_label_folders(root: Path, records: list[ImageRecord], rejected: list[RejectedFile]) -> None:
+    """Raise DatasetError when a label folder under `root` has no usable image."""
+    counts = collections.Counter(record.label for record in records)
+    for label in label_folders(root):
+        if counts[label]:
+            continue
+        inside = [item for item in rejected if item.path == label or item.path.startswith(label + "/")]
+        if inside:
+            examples = "; ".join(f"{item.path}: {item.reason}" for item in inside[:3])
+            detail = f"all {len(inside)} of its files were rejected (such as {examples})"
+        else:
+            detail = "it contains no image files"
+        raise DatasetError(
+            f"label folder {root / label} has no usable images: {detail}; add readable images to it or remove the folder",
+            rejected,
+        )
 
 
 def split_records(
@@ -295,7 +342,13 @@ def _header_problem(path: Path) -> str | None:
     """Return why the file cannot be an image, reading only its header, or None."""
     try:
         size = path.stat().st_size
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"broken symbolic link to {os.readlink(path)}; fix or remove the link"
+        return "file not found; it was moved or deleted during the scan"
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symbolic link loop (the link points back to itself); fix or remove the link"
         return f"cannot read file ({error.strerror}); check its permissions"
     if size == 0:
         return "empty file (0 bytes); the upload or copy was probably interrupted, so copy it again"
@@ -309,8 +362,12 @@ def _header_problem(path: Path) -> str | None:
         return "not an image Pillow can identify; the content does not match its extension, so convert it or remove it"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return f"image is over the limit of {MAX_IMAGE_PIXELS:,} pixels; downscale it first"
-    except (OSError, SyntaxError, ValueError) as error:
-        return f"cannot read image header ({error}); replace or remove the file"
+    except PermissionError:
+        return "permission denied; make the file readable or remove it"
+    except Exception as error:  # noqa: BLE001
+        # Pillow raises OSError, SyntaxError or ValueError for most broken headers and a
+        # few other types for some; a broken file is rejected, never a crash.
+        return f"cannot read image header ({type(error).__name__}: {error}); replace or remove the file"
     if width * height > MAX_IMAGE_PIXELS:
         return f"image is {width}x{height} = {width * height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,}; downscale it first"
     if frames > 1:
@@ -330,12 +387,12 @@ def _resolve_duplicates(candidates: list[ImageRecord], rejected: list[RejectedFi
             paths = ", ".join(record.path for record in copies)
             reason = f"label conflict: the same image bytes are labelled {' and '.join(labels)} ({paths}); keep it under one label"
             if strict:
-                raise DatasetError(reason)
-            rejected.extend(RejectedFile(record.path, reason) for record in copies)
+                raise DatasetError(reason, rejected)
+            rejected.extend(RejectedFile(record.path, reason, CONFLICT) for record in copies)
             continue
         first, *others = sorted(copies, key=lambda record: record.path)
         kept.append(first)
         for other in others:
             log.info("ingest: %s is a duplicate of %s and is used once", other.path, first.path)
-            rejected.append(RejectedFile(other.path, f"duplicate of {first.path}; the image is used once"))
+            rejected.append(RejectedFile(other.path, f"duplicate of {first.path}; the image is used once", DUPLICATE))
     return sorted(kept, key=lambda record: record.path)

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -120,15 +121,28 @@ class Predictor:
         return None
 
 
+def check_target(target: str | Path) -> Path:
+    """Return `target` as a Path, or raise CrackjaxError when it is neither a file nor a folder.
+
+    The command line calls this before loading the model, so a mistyped path fails at once.
+    """
+    target = Path(target).expanduser()
+    if target.is_symlink() and not target.exists():
+        raise CrackjaxError(f"{target} is a broken symbolic link to {os.readlink(target)}; pass an image file or a folder of images")
+    if not target.exists():
+        raise CrackjaxError(f"{target} not found; pass an image file or a folder of images")
+    if not (target.is_file() or target.is_dir()):
+        raise CrackjaxError(f"{target} is neither a file nor a folder; pass an image file or a folder of images")
+    return target
+
+
 def predict_path(predictor: Predictor, target: str | Path) -> list[Prediction]:
     """Classify the image `target`, or every image under the folder `target`.
 
     Raises CrackjaxError when `target` does not exist, when a single file is not a
     readable image, or when a folder holds no images.
     """
-    target = Path(target).expanduser()
-    if not target.exists():
-        raise CrackjaxError(f"{target} not found; pass an image file or a folder of images")
+    target = check_target(target)
 
     if target.is_file():
         results = predictor.predict_files([target])

@@ -7,6 +7,7 @@ label, label_id, split, sha256) lies beside the store in each run's folder.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import logging
@@ -19,7 +20,7 @@ import pyarrow.compute as pc
 
 from crackjax.errors import DatasetError, ImageError
 from crackjax.images import RESIZE_METHOD, load_image
-from crackjax.ingest import RejectedFile, check_labels
+from crackjax.ingest import UNREADABLE, RejectedFile, check_labels
 from crackjax.store import PartStore, chunked, digest_of
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def decode_shard(root: str | Path, items: list[tuple[str, str]], input_size: int
         for sha256, data, problem in pool.map(decode, items):
             if problem is not None:
                 if strict:
-                    raise ImageError(problem.path, problem.reason)
+                    raise ImageError(root / problem.path, f"{problem.reason} (--strict stops at the first unreadable file; without it such files are skipped)")
                 rejected.append(problem)
                 continue
             keys.append(sha256)
@@ -110,31 +111,60 @@ def preprocess_shard(root: str | Path, shard: list[tuple[str, str]], store: Part
     return rejected
 
 
-def drop_rejected(table: pa.Table, rejected: list[RejectedFile], *, max_rejected_fraction: float, total_files: int) -> pa.Table:
+def drop_rejected(
+    table: pa.Table,
+    rejected: list[RejectedFile],
+    *,
+    max_rejected_fraction: float,
+    total_files: int,
+    ingest_rejected: list[RejectedFile] | None = None,
+) -> pa.Table:
     """Remove rejected paths from the dataset table and check what is left.
 
-    Raises DatasetError when more than `max_rejected_fraction` of `total_files` were
-    rejected, or when a label is left without images.
+    The unreadable fraction is (unreadable files found by ingest + files that failed to
+    decode) / (image files), where ingest's unsupported types, duplicates and stray
+    files do not count. Without `ingest_rejected` it is decode failures / `total_files`.
+    Raises DatasetError when that fraction is over `max_rejected_fraction`, or when a
+    label or a split of a label is left without images.
     """
-    if total_files and len(rejected) / total_files > max_rejected_fraction:
-        listed = "; ".join(f"{item.path}: {item.reason}" for item in rejected[:5])
+    if ingest_rejected is None:
+        unreadable = list(rejected)
+        image_files = total_files
+    else:
+        ingest_unreadable = [item for item in ingest_rejected if item.kind == UNREADABLE]
+        unreadable = ingest_unreadable + list(rejected)
+        image_files = table.num_rows + len(ingest_unreadable)
+    everything = list(ingest_rejected or []) + list(rejected)
+    if image_files and len(unreadable) / image_files > max_rejected_fraction:
+        listed = "; ".join(f"{item.path}: {item.reason}" for item in unreadable[:3])
         raise DatasetError(
-            f"{len(rejected)} of {total_files} files ({len(rejected) / total_files:.0%}) are unreadable, over the limit of "
-            f"{max_rejected_fraction:.0%}; first ones: {listed}. Fix or remove them, or raise --max-rejected-fraction"
+            f"{len(unreadable)} of {image_files} image files ({len(unreadable) / image_files:.0%}) are unreadable, over the limit of "
+            f"{max_rejected_fraction:.0%}; first ones: {listed}. Fix or remove them, or raise --max-rejected-fraction",
+            everything,
         )
+
+    labels = sorted(set(table["label"].to_pylist()))
     if rejected:
         bad = pa.array(sorted({item.path for item in rejected}), pa.string())
         table = table.filter(pc.invert(pc.is_in(table["path"], value_set=bad)))
 
-    by_label: dict[str, list] = {}
-    for label in table["label"].to_pylist():
-        by_label.setdefault(label, []).append(label)
-    check_labels(by_label)
+    remaining = collections.Counter(table["label"].to_pylist())
+    for label in labels:
+        if not remaining[label]:
+            failed = [item for item in rejected if item.path.startswith(label + "/")]
+            examples = "; ".join(f"{item.path}: {item.reason}" for item in failed[:2])
+            raise DatasetError(
+                f"label {label!r} has no readable images left: all {len(failed)} failed to decode (such as {examples}); add readable images of {label!r}",
+                everything,
+            )
+    check_labels({label: [label] * remaining[label] for label in labels})
     for split in ("train", "validation", "test"):
         split_labels = set(table.filter(pc.equal(table["split"], split))["label"].to_pylist())
-        missing = sorted(set(by_label) - split_labels)
+        missing = sorted(set(labels) - split_labels)
         if missing:
-            raise DatasetError(f"after removing unreadable files, label {missing[0]!r} has no {split} images; add more images of {missing[0]!r}")
+            raise DatasetError(
+                f"after removing unreadable files, label {missing[0]!r} has no {split} images; add more images of {missing[0]!r}", everything
+            )
     return table
 
 
@@ -148,10 +178,13 @@ def preprocess_images(
     shard_size: int = 256,
     max_rejected_fraction: float = 0.1,
     total_files: int | None = None,
+    ingest_rejected: list[RejectedFile] | None = None,
 ) -> PreprocessResult:
     """Decode every image of `table` not yet in the pixel store, shard by shard.
 
-    Returns the dataset table without the files that failed to decode.
+    Returns the dataset table without the files that failed to decode. `ingest_rejected`
+    (the files ingest left out) lets the --max-rejected-fraction check count files that
+    ingest found unreadable too; see `drop_rejected`.
     """
     started = time.perf_counter()
     store = pixel_store(workspace, input_size)
@@ -163,7 +196,9 @@ def preprocess_images(
         rejected.extend(shard_rejected)
         computed += len(shard) - len(shard_rejected)
 
-    usable = drop_rejected(table, rejected, max_rejected_fraction=max_rejected_fraction, total_files=total_files or table.num_rows)
+    usable = drop_rejected(
+        table, rejected, max_rejected_fraction=max_rejected_fraction, total_files=total_files or table.num_rows, ingest_rejected=ingest_rejected
+    )
     seconds = time.perf_counter() - started
     log.info("preprocess: %d images, %d cached, %d decoded, %d rejected in %.1f s", table.num_rows, cached, computed, len(rejected), seconds)
     return PreprocessResult(usable, store.folder, preprocess_key(input_size), cached, computed, rejected, seconds)

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crackjax.atomic import atomic_path, write_json
-from crackjax.errors import CrackjaxError
+from crackjax.errors import CrackjaxError, DatasetError
 from crackjax.ingest import (
     RejectedFile,
     dataset_digest,
@@ -53,10 +53,19 @@ def _write_rejected(path: Path, rejected: list[RejectedFile]) -> None:
 
 def read_rejected(path: str | Path) -> list[RejectedFile]:
     """Read a rejected-files report written by a stage."""
-    import csv
+    from crackjax.export import read_rejected_csv
 
-    with open(path, newline="", encoding="utf-8") as handle:
-        return [RejectedFile(row["path"], row["reason"]) for row in csv.DictReader(handle)]
+    return read_rejected_csv(path)
+
+
+def _report_failure(workspace: str | Path, error: DatasetError, earlier: list[RejectedFile]) -> DatasetError:
+    """Write the files rejected before a failed run to `workspace/failed/rejected.csv`; return the error to raise."""
+    rejected = earlier + [item for item in error.rejected if item not in earlier]
+    if not rejected:
+        return error
+    path = Path(workspace) / "failed" / "rejected.csv"
+    _write_rejected(path, rejected)
+    return DatasetError(f"{error} (the {len(rejected)} rejected files are listed in {path})", rejected)
 
 
 def ingest_stage(
@@ -73,7 +82,10 @@ def ingest_stage(
     """Scan `assets`, split it and write the dataset table and the rejected-files report."""
     started = time.perf_counter()
     scan = scan_folder(assets, label_from=label_from, prefix_separator=prefix_separator, strict=strict)
-    assigned = split_records(scan.records, train_fraction=train_fraction, validation_fraction=validation_fraction, seed=seed)
+    try:
+        assigned = split_records(scan.records, train_fraction=train_fraction, validation_fraction=validation_fraction, seed=seed)
+    except DatasetError as error:
+        raise _report_failure(workspace, error, scan.rejected) from None
     table = dataset_table(assigned)
     digest = dataset_digest(table)
 
@@ -104,11 +116,16 @@ def preprocess_stage(ingested: dict, workspace: str | Path, input_size: int, *, 
     from crackjax.preprocess import preprocess_images
 
     table = pq.read_table(ingested["dataset"])
-    result = preprocess_images(
-        ingested["assets"], table, workspace, input_size,
-        strict=strict, max_rejected_fraction=max_rejected_fraction, total_files=ingested["total_files"],
-    )
-    rejected = read_rejected(ingested["rejected"]) + result.rejected
+    ingest_rejected = read_rejected(ingested["rejected"])
+    try:
+        result = preprocess_images(
+            ingested["assets"], table, workspace, input_size,
+            strict=strict, max_rejected_fraction=max_rejected_fraction, total_files=ingested["total_files"],
+            ingest_rejected=ingest_rejected,
+        )
+    except DatasetError as error:
+        raise _report_failure(workspace, error, ingest_rejected) from None
+    rejected = ingest_rejected + result.rejected
     for item in result.rejected:
         log.warning("preprocess: skipped %s: %s", item.path, item.reason)
 
@@ -129,6 +146,15 @@ def preprocess_stage(ingested: dict, workspace: str | Path, input_size: int, *, 
         "cached": result.cached,
         "rejected_count": len(rejected),
     }
+
+
+def pixels_complete(preprocessed: dict) -> bool:
+    """Return whether the pixel store still has every image of a (cached) preprocess result.
+
+    A part moved aside as corrupt makes this false, so the flow decodes the images again.
+    """
+    keys = set(pq.read_table(preprocessed["dataset"], columns=["sha256"])["sha256"].to_pylist())
+    return keys <= PartStore(preprocessed["pixels"]).keys()
 
 
 def resolve_backbone_stage(name: str | None, weights_path: str | None, compute_dtype: str = "float32") -> dict:

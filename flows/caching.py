@@ -8,10 +8,14 @@ in the workspace, so each workspace has its own cache.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from prefect.cache_policies import CachePolicy
+from prefect.locking.filesystem import FileSystemLockManager
 
 from crackjax.store import digest_of
 from crackjax.versioning import code_digest
@@ -25,19 +29,40 @@ STAGE_MODULES = {
 }
 
 
-def stage_cache_key(stage: str, key_inputs: Callable[[dict], Any] | None = None) -> Callable:
-    """Return a Prefect `cache_key_fn` for `stage`.
+@dataclasses.dataclass
+class StageCachePolicy(CachePolicy):
+    """The cache policy of one crack-train stage.
 
     `key_inputs(parameters)` returns what identifies the stage's input (by default the
     parameters themselves, which carry upstream digests).
     """
-    modules = STAGE_MODULES[stage]
 
-    def cache_key(context, parameters: dict) -> str:
-        inputs = key_inputs(parameters) if key_inputs else parameters
-        return f"{stage}-{digest_of({'inputs': _jsonable(inputs), 'code': code_digest(*modules)})[:32]}"
+    stage: str = ""
+    key_inputs: Callable[[dict], Any] | None = None
 
-    return cache_key
+    def compute_key(self, task_ctx, inputs: dict, flow_parameters: dict, **kwargs) -> str:
+        identity = self.key_inputs(inputs) if self.key_inputs else inputs
+        code = code_digest(*STAGE_MODULES[self.stage])
+        return f"{self.stage}-{digest_of({'inputs': _jsonable(identity), 'code': code})[:32]}"
+
+
+def stage_cache_policy(stage: str, key_inputs: Callable[[dict], Any] | None = None) -> StageCachePolicy:
+    """Return the cache policy of `stage`; `locked_policy` binds it to a workspace."""
+    return StageCachePolicy(stage=stage, key_inputs=key_inputs)
+
+
+def locked_policy(policy: CachePolicy, storage: Path) -> CachePolicy:
+    """Store `policy`'s cache records in `storage` and serialise runs that share a key.
+
+    With SERIALIZABLE isolation, a second run with the same key (a scheduled and a
+    manual run that overlap) waits for the first to finish its record, then reads it
+    instead of computing the stage again or reading a half-written record.
+    """
+    return policy.configure(
+        key_storage=storage / "records",
+        isolation_level="SERIALIZABLE",
+        lock_manager=FileSystemLockManager(lock_files_directory=storage / "locks"),
+    )
 
 
 def result_storage(workspace: str | Path) -> Path:

@@ -8,25 +8,19 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 # Prefect reads its settings when it is imported, so the isolated home is set here,
 # before any test module imports it.
 _PREFECT_HOME = Path(os.environ.get("CRACKJAX_TEST_PREFECT_HOME", "/tmp")) / f"crackjax-test-prefect-{os.getpid()}"
 os.environ["PREFECT_HOME"] = str(_PREFECT_HOME)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "crackjax")
+# Library functions called outside a flow log through the crackjax loggers, which
+# Prefect would otherwise warn about on every record.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.pop("PREFECT_API_URL", None)
 
 
-def _find_sdnet() -> Path:
-    configured = os.environ.get("CRACKJAX_SDNET_DIR")
-    if configured:
-        return Path(configured)
-    return REPO_ROOT.parent / "shared" / "datasets" / "sdnet2018-decks"
-
-
-SDNET_DIR = _find_sdnet()
+from sdnet_paths import SDNET_DIR  # noqa: E402
 
 
 @pytest.fixture(scope="session")

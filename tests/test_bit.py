@@ -18,7 +18,7 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from conftest import SDNET_DIR
+from sdnet_paths import SDNET_DIR
 from crackjax.backbones import bit
 from crackjax.backbones.base import MINUS_ONE_TO_ONE, scale_pixels
 from crackjax.weights.bit_npz import load_bit_npz

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SDNET_DIR
+from sdnet_paths import SDNET_DIR
 from crackjax.backbones.base import scale_pixels
 from crackjax.backbones.efficientnet_lite import (
     BACKBONES,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SDNET_DIR
+from sdnet_paths import SDNET_DIR
 from crackjax.backbones.base import MINUS_ONE_TO_ONE, scale_pixels
 from crackjax.backbones.resnet_v2 import BACKBONES, FEATURE_SIZE, WEIGHTS, ResNetV2, load_params
 from crackjax.weights.entry import WeightsError

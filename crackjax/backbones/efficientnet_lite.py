@@ -127,6 +127,52 @@ def _batch_norm(name: str) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=True, momentum=0.99, epsilon=BATCH_NORM_EPSILON, name=name)
 
 
+def _same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
+    """Return the (before, after) padding of TensorFlow "SAME" for one spatial axis."""
+    output_size = -(-size // stride)
+    total = max((output_size - 1) * stride + kernel_size - size, 0)
+    return total // 2, total - total // 2
+
+
+class DepthwiseConv(nn.Module):
+    """Bias-free depthwise convolution with "SAME" padding, written as k*k shifted multiply-adds.
+
+    Computes what `nn.Conv(C, (k, k), feature_group_count=C, padding="SAME")` does and
+    has the same `kernel` parameter, shape `(k, k, 1, C)`, so checkpoints load unchanged.
+    XLA's CPU backend (jaxlib 0.10.2) runs a grouped convolution with one channel per
+    group about 4 to 23 times slower than these fused elementwise products, on
+    EfficientNet-Lite0 layer shapes at batch 32 (measured on 2 AMD EPYC cores).
+    """
+
+    kernel_size: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        batch, height, width, channels = x.shape
+        k, stride = self.kernel_size, self.stride
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, channels), jnp.float32)
+        kernel = kernel.astype(x.dtype)
+
+        x = jnp.pad(x, ((0, 0), _same_padding(height, k, stride), _same_padding(width, k, stride), (0, 0)))
+        output_height = -(-height // stride)
+        output_width = -(-width // stride)
+
+        # Each kernel tap multiplies a strided window of the padded input by one weight per channel.
+        y = None
+        for row in range(k):
+            for column in range(k):
+                window = jax.lax.slice(
+                    x,
+                    (0, row, column, 0),
+                    (batch, row + (output_height - 1) * stride + 1, column + (output_width - 1) * stride + 1, channels),
+                    (1, stride, stride, 1),
+                )
+                term = window * kernel[row, column, 0]
+                y = term if y is None else y + term
+        return y
+
+
 class MBConvBlock(nn.Module):
     """Inverted residual block without squeeze-excite: 1x1 expand, depthwise conv, 1x1 project."""
 
@@ -142,15 +188,7 @@ class MBConvBlock(nn.Module):
             x = nn.Conv(hidden_features, (1, 1), use_bias=False, name="expand_conv")(x)
             x = nn.relu6(_batch_norm("bn0")(x))
 
-        x = nn.Conv(
-            hidden_features,
-            (config.kernel_size, config.kernel_size),
-            strides=config.stride,
-            padding="SAME",
-            feature_group_count=hidden_features,
-            use_bias=False,
-            name="depthwise_conv",
-        )(x)
+        x = DepthwiseConv(config.kernel_size, config.stride, name="depthwise_conv")(x)
         x = nn.relu6(_batch_norm("bn1")(x))
 
         x = nn.Conv(config.output_features, (1, 1), use_bias=False, name="project_conv")(x)

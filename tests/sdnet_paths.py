@@ -1,0 +1,19 @@
+"""Where the real SDNET2018 sample lies: beside the repository, or at `$CRACKJAX_SDNET_DIR`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_sdnet() -> Path:
+    """Return the folder with the sample's `CD/` and `UD/` sub-folders."""
+    configured = os.environ.get("CRACKJAX_SDNET_DIR")
+    if configured:
+        return Path(configured)
+    return REPO_ROOT.parent / "shared" / "datasets" / "sdnet2018-decks"
+
+
+SDNET_DIR = find_sdnet()
