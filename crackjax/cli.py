@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import os
 import sys
-import threading
 from pathlib import Path
 
 from crackjax import __version__
@@ -17,7 +17,7 @@ EXIT_FAILED = 1
 
 
 def _add_head_options(parser: argparse.ArgumentParser) -> None:
-    from crackjax.head import CLASS_WEIGHTINGS, MONITORS, SCHEDULES, HeadConfig
+    from crackjax.head_config import CLASS_WEIGHTINGS, MONITORS, SCHEDULES, HeadConfig
 
     defaults = HeadConfig()
     group = parser.add_argument_group("head options")
@@ -40,9 +40,21 @@ def _add_head_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _head_options(args: argparse.Namespace) -> dict:
-    from crackjax.head import HeadConfig
+    from crackjax.head_config import HeadConfig
 
     return {field.name: getattr(args, field.name) for field in dataclasses.fields(HeadConfig)}
+
+
+def _registered_weights():
+    from crackjax.backbones import weights_entries
+
+    return weights_entries().values()
+
+
+def _resolve_package_weights(entry):
+    from crackjax.backbones import package_resolver
+
+    return package_resolver(entry)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", default=None, help="write the predictions to this file instead of stdout")
     predict.set_defaults(func=run_predict)
 
-    from crackjax.backbones import package_resolver, weights_entries
     from crackjax.weights.commands import add_weights_commands
 
-    add_weights_commands(commands, lambda: weights_entries().values(), package_resolver)
+    # The registry imports every Flax model, so it is loaded only when a weights command runs.
+    add_weights_commands(commands, _registered_weights, _resolve_package_weights)
 
     from crackjax.registry_commands import add_models_commands
 
@@ -114,33 +126,31 @@ def check_train_options(args: argparse.Namespace) -> None:
             raise CrackjaxError(f"--{name.replace('_', '-')} {value} is invalid; use a whole number of at least 1")
 
 
-def _start_temporary_server() -> threading.Thread | None:
-    """Start Prefect's temporary server in a background thread when no API URL is set.
+def _start_temporary_server(argv: list[str]):
+    """Start a temporary Prefect server for `crackjax train` when no API URL is set, before anything else loads.
 
-    The server process boots (about 4 s) while this process imports JAX and the flow,
-    instead of after it. Join the thread before the flow runs.
+    Prefect reads PREFECT_API_URL when it is imported, so the server's address is set
+    before `flows.crack_train` imports it. Returns the server, or None.
     """
-    if os.environ.get("PREFECT_API_URL"):
+    if argv[:1] != ["train"] or os.environ.get("PREFECT_API_URL") or "-h" in argv or "--help" in argv:
         return None
+    from crackjax.prefect_server import TemporaryServer
 
-    def start() -> None:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        SubprocessASGIServer().start()
-
-    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
-    thread.start()
-    return thread
+    server = TemporaryServer()
+    # Registered before Prefect is imported, so it runs after Prefect's own exit
+    # handlers have sent their last logs and events to the server.
+    atexit.register(server.stop)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    return server
 
 
 def run_train(args: argparse.Namespace) -> int:
     check_train_options(args)
-    server_thread = _start_temporary_server()
 
     from flows.crack_train import crack_train
 
-    if server_thread is not None:
-        server_thread.join()
+    if args.temporary_server is not None:
+        args.temporary_server.wait_until_ready()
     hide_user_error_tracebacks()
     flow = crack_train
     if args.dask_workers or args.dask_address:
@@ -198,10 +208,15 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     prefect_environment()
+    server = _start_temporary_server(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("train", "predict"):
+    args.temporary_server = server
+    if args.command == "predict":
+        # `crackjax train` configures JAX in `load_backbone`, and only when a stage
+        # computes features, so a fully cached run never imports JAX.
         from crackjax.runtime import configure_jax
 
         configure_jax()

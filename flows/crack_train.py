@@ -146,7 +146,7 @@ def crack_train(
     validation images by more than `promotion_tolerance`; "force" promotes it anyway
     and "never" only registers it. Relative paths resolve against the working directory.
     """
-    from crackjax.head import HeadConfig
+    from crackjax.head_config import HeadConfig
 
     logger = get_run_logger()
     workspace = str(Path(workspace).expanduser().resolve())
