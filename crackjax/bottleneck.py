@@ -5,7 +5,10 @@ one compilation serves every batch. Pixels stream from the Parquet pixel store a
 features go to a Parquet feature store in parts of `part_size` rows, so memory is
 bounded by a batch and a part, and a killed run resumes from the parts it wrote.
 Feature rows are keyed by image sha256 inside a store whose key covers the backbone,
-the sha256 of its weights file, the preprocessing and the compute dtype.
+the sha256 of its weights file, the preprocessing, the compute dtype and the engine.
+
+Two engines run the forward pass: "xla" (the jitted Flax module, the default) and
+"onnxruntime" (`crackjax.onnx_engine`, an ONNX graph built from the same variables).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from crackjax.store import CorruptPartError, PartStore, chunked, digest_of
 log = logging.getLogger(__name__)
 
 FEATURES_VERSION = 1
+ENGINES = ("xla", "onnxruntime")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +44,7 @@ class LoadedBackbone:
     weights_path: str
     weights_sha256: str
     compute_dtype: str
+    engine: str = "xla"
 
     @functools.cached_property
     def forward(self):
@@ -62,8 +67,23 @@ class LoadedBackbone:
         return self.forward(self.variables, images)
 
 
-def feature_store(workspace: str | Path, backbone_name: str, weights_name: str, weights_sha256: str, preprocess_key: str, compute_dtype: str, feature_size: int) -> PartStore:
-    """Open the feature store of `workspace` for this backbone, weights file, preprocessing and dtype."""
+def feature_store(
+    workspace: str | Path,
+    backbone_name: str,
+    weights_name: str,
+    weights_sha256: str,
+    preprocess_key: str,
+    compute_dtype: str,
+    feature_size: int,
+    engine: str = "xla",
+) -> PartStore:
+    """Open the feature store of `workspace` for this backbone, weights file, preprocessing, dtype and engine.
+
+    The "xla" engine leaves `engine` out of the store description, so stores written
+    before engines existed keep their key; any other engine gets a store of its own.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     description = {
         "kind": "features",
         "backbone": backbone_name,
@@ -74,6 +94,8 @@ def feature_store(workspace: str | Path, backbone_name: str, weights_name: str, 
         "feature_size": feature_size,
         "version": FEATURES_VERSION,
     }
+    if engine != "xla":
+        description["engine"] = engine
     key = digest_of(description)[:16]
     return PartStore(Path(workspace) / "features" / f"{backbone_name}-{key}", description)
 
@@ -231,25 +253,36 @@ def load_feature_matrix(store: PartStore, keys: list[str], feature_size: int) ->
 
 
 @functools.lru_cache(maxsize=4)
-def _load_backbone_cached(name: str, weights_name: str, weights_path: str, weights_sha256: str, compute_dtype: str) -> LoadedBackbone:
+def _load_backbone_cached(name: str, weights_name: str, weights_path: str, weights_sha256: str, compute_dtype: str, engine: str):
     from crackjax.backbones import get_backbone
 
     backbone = get_backbone(name)
     started = time.perf_counter()
     variables = backbone.load_params(Path(weights_path))
     log.info("backbone: loaded %s weights %s in %.1f s", name, weights_path, time.perf_counter() - started)
+    if engine == "onnxruntime":
+        from crackjax.onnx_engine import OnnxBackbone
+
+        return OnnxBackbone(backbone, variables, weights_name, weights_path, weights_sha256, compute_dtype)
     return LoadedBackbone(backbone, variables, weights_name, weights_path, weights_sha256, compute_dtype)
 
 
-def load_backbone(name: str, weights_name: str, weights_path: str | Path, *, compute_dtype: str = "float32") -> LoadedBackbone:
+def load_backbone(name: str, weights_name: str, weights_path: str | Path, *, compute_dtype: str = "float32", engine: str = "xla"):
     """Load backbone `name` with the weights file at `weights_path`, memoised per process.
 
-    `compute_dtype` is `float32` or `bfloat16`; features are returned as float32 either way.
+    `engine` is "xla" (returns a `LoadedBackbone`) or "onnxruntime" (returns an
+    `OnnxBackbone`); both have `features(images)`. `compute_dtype` is `float32` or
+    `bfloat16`, and the onnxruntime engine runs float32 only. Features are returned
+    as float32 either way.
     """
     from crackjax.backbones import file_sha256
     from crackjax.runtime import configure_jax
 
-    configure_jax()
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if compute_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"compute dtype must be float32 or bfloat16, not {compute_dtype!r}")
-    return _load_backbone_cached(name, weights_name, str(weights_path), file_sha256(weights_path), compute_dtype)
+    if engine == "onnxruntime" and compute_dtype != "float32":
+        raise ValueError(f"the onnxruntime engine runs float32 only, not {compute_dtype!r}; use engine 'xla' for bfloat16")
+    configure_jax()
+    return _load_backbone_cached(name, weights_name, str(weights_path), file_sha256(weights_path), compute_dtype, engine)

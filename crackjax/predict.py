@@ -15,7 +15,6 @@ import numpy as np
 
 from crackjax.errors import CrackjaxError, ImageError, ModelError
 from crackjax.export import load_head_state, read_manifest
-from crackjax.head import predict_proba
 from crackjax.images import image_extensions, load_image
 from crackjax.ingest import RejectedFile, iter_files
 
@@ -35,6 +34,21 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def head_probabilities(params: dict, mean: np.ndarray, std: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Return `(n, classes) float32` softmax probabilities of an exported head, computed in NumPy.
+
+    The same arithmetic as `crackjax.head.Head` (standardise, optional ReLU hidden
+    layer, logits), without compiling a JAX program for each batch shape.
+    """
+    x = (np.asarray(features, np.float32) - mean) / std
+    if "hidden" in params:
+        x = np.maximum(x @ params["hidden"]["kernel"] + params["hidden"]["bias"], 0.0)
+    logits = x @ params["logits"]["kernel"] + params["logits"]["bias"]
+    logits = logits - logits.max(axis=1, keepdims=True)
+    exponentials = np.exp(logits)
+    return (exponentials / exponentials.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 class Predictor:
@@ -70,15 +84,21 @@ class Predictor:
         return self.manifest["model_id"]
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
-        """Return `(n, classes)` probabilities for `(n, size, size, 3) uint8` images, in fixed-shape batches."""
+        """Return `(n, classes)` probabilities for `(n, size, size, 3) uint8` images, in fixed-shape batches.
+
+        A single image runs as a batch of one, so answering one request does not pay
+        for `batch_size` forward passes; anything larger runs in batches of `batch_size`,
+        the last one padded. Each of the two shapes compiles once per process.
+        """
         outputs = []
-        buffer = np.zeros((self.batch_size, self.input_size, self.input_size, 3), np.uint8)
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
+        batch_size = 1 if len(images) == 1 else self.batch_size
+        buffer = np.zeros((batch_size, self.input_size, self.input_size, 3), np.uint8)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
             buffer[: len(chunk)] = chunk
             buffer[len(chunk) :] = 0
             features = np.asarray(self.backbone.features(buffer))[: len(chunk)]
-            outputs.append(predict_proba(self.params, self.feature_mean, self.feature_std, features, len(self.labels), self.manifest["head"]["hidden_units"]))
+            outputs.append(head_probabilities(self.params, self.feature_mean, self.feature_std, features))
         if not outputs:
             return np.zeros((0, len(self.labels)), np.float32)
         return np.concatenate(outputs)

@@ -1,0 +1,26 @@
+"""Prediction helpers that run without the training code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from crackjax.head import predict_proba
+from crackjax.predict import head_probabilities
+
+
+@pytest.mark.parametrize("hidden_units", [0, 8])
+def test_numpy_head_matches_flax_head(hidden_units):
+    rng = np.random.default_rng(hidden_units)
+    params = {"logits": {"kernel": rng.normal(size=(hidden_units or 5, 3)).astype(np.float32), "bias": rng.normal(size=3).astype(np.float32)}}
+    if hidden_units:
+        params["hidden"] = {"kernel": rng.normal(size=(5, hidden_units)).astype(np.float32), "bias": rng.normal(size=hidden_units).astype(np.float32)}
+    features = rng.normal(size=(6, 5)).astype(np.float32)
+    mean = rng.normal(size=5).astype(np.float32)
+    std = rng.uniform(0.5, 2.0, size=5).astype(np.float32)
+
+    expected = predict_proba(params, mean, std, features, 3, hidden_units)
+    actual = head_probabilities(params, mean, std, features)
+
+    np.testing.assert_allclose(actual, expected, atol=1e-6)
+    np.testing.assert_allclose(actual.sum(axis=1), 1.0, atol=1e-6)
