@@ -31,7 +31,7 @@ install-test: $(VENV)/.installed-test
 train: $(VENV)/.installed
 	$(BIN)/crackjax train $(ASSETS) --workspace $(WORKSPACE) $(ARGS)
 
-## Classify IMAGE (a file or folder) with the newest model of WORKSPACE.
+## Classify IMAGE (a file or folder) with the champion model of WORKSPACE.
 predict: $(VENV)/.installed
 	$(BIN)/crackjax predict $(IMAGE) --workspace $(WORKSPACE) $(ARGS)
 

@@ -13,6 +13,8 @@ Engines:
   crackjax          `LoadedBackbone.forward` (uint8 in, features out) as the bottleneck stage runs it
   crackjax-noxnn    the same with CRACKJAX_XNN_FUSION=0 (XLA's default CPU code generation)
   crackjax-bf16     the same with compute dtype bfloat16
+  crackjax-ort      crackjax's onnxruntime engine: an ONNX graph built from the same Flax variables
+                    (`crackjax.onnx_engine`), uint8 in, features out
   tensorflow        Keras Applications ResNetV2 on the TensorFlow backend (no TF model for Lite0)
   torch             PyTorch float32, channels-last
   torch-bf16        PyTorch with bfloat16 autocast, channels-last
@@ -34,7 +36,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET = Path(os.environ.get("CRACKJAX_BENCH_IMAGES", "/work/shared/datasets/sdnet2018-decks"))
-ENGINES = ("crackjax", "crackjax-noxnn", "crackjax-bf16", "tensorflow", "onnxruntime", "torch", "torch-bf16")
+ENGINES = ("crackjax", "crackjax-noxnn", "crackjax-bf16", "crackjax-ort", "tensorflow", "onnxruntime", "torch", "torch-bf16")
 FLOAT32_PEERS = ("tensorflow", "onnxruntime", "torch")
 KERAS_MODELS = {"resnet_v2_50": "ResNet50V2", "resnet_v2_101": "ResNet101V2", "resnet_v2_152": "ResNet152V2"}
 INPUT_SIZE = 224
@@ -67,7 +69,7 @@ def _time_batches(run, repeats: int) -> tuple[float, list[float]]:
     return warmup, seconds
 
 
-def _run_crackjax(backbone_name: str, images: np.ndarray, repeats: int, compute_dtype: str):
+def _run_crackjax(backbone_name: str, images: np.ndarray, repeats: int, compute_dtype: str, engine: str = "xla"):
     from crackjax.runtime import configure_jax
 
     configure_jax()
@@ -75,11 +77,15 @@ def _run_crackjax(backbone_name: str, images: np.ndarray, repeats: int, compute_
 
     from crackjax.backbones import get_backbone
     from crackjax.bottleneck import LoadedBackbone
+    from crackjax.onnx_engine import OnnxBackbone
 
     backbone = get_backbone(backbone_name)
     sample = jax.numpy.zeros((1, backbone.input_size, backbone.input_size, 3), jax.numpy.float32)
     variables = jax.jit(backbone.build().init)(jax.random.PRNGKey(0), sample)
-    loaded = LoadedBackbone(backbone, variables, "random", "", "", compute_dtype)
+    if engine == "onnxruntime":
+        loaded = OnnxBackbone(backbone, jax.tree_util.tree_map(np.asarray, variables), "random", "", "")
+    else:
+        loaded = LoadedBackbone(backbone, variables, "random", "", "", compute_dtype)
     outputs = []
 
     def run():
@@ -169,6 +175,8 @@ def run_worker(engine: str, backbone: str, batch: int, repeats: int, features_pa
         warmup, seconds, features = _run_crackjax(backbone, images, repeats, "float32")
     elif engine == "crackjax-bf16":
         warmup, seconds, features = _run_crackjax(backbone, images, repeats, "bfloat16")
+    elif engine == "crackjax-ort":
+        warmup, seconds, features = _run_crackjax(backbone, images, repeats, "float32", engine="onnxruntime")
     elif engine == "tensorflow":
         warmup, seconds, features = _run_tensorflow(backbone, images, repeats)
     elif engine == "torch":

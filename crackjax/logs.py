@@ -51,6 +51,9 @@ def hide_user_error_tracebacks() -> None:
 def configure_plain_logging(level: int = logging.INFO) -> None:
     """Log crackjax messages as plain lines on stderr, for commands that run outside Prefect."""
     logger = logging.getLogger("crackjax")
+    # Another library may have configured the root logger; without this, each line
+    # would be printed twice.
+    logger.propagate = False
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))

@@ -41,7 +41,7 @@ OUTPUT_NAME = "features"
 
 
 class GraphBuilder:
-    """Collects ONNX nodes and initializers; every method returns the name of the tensor it produces."""
+    """Collector of ONNX nodes and initializers. Every method returns the name of the tensor it adds."""
 
     def __init__(self) -> None:
         self.nodes: list = []
@@ -67,7 +67,7 @@ class GraphBuilder:
         return output
 
     def conv(self, x: str, kernel_hwio: np.ndarray, bias: np.ndarray | None, *, stride: int = 1, pads: tuple[int, int, int, int] = (0, 0, 0, 0), group: int = 1, hint: str = "conv") -> str:
-        """Add a 2-D convolution; `kernel_hwio` is a Flax `(kh, kw, in / group, out)` kernel and `pads` is ONNX order (top, left, bottom, right)."""
+        """Add a 2-D convolution with a Flax `(kh, kw, in / group, out)` kernel and `pads` in ONNX order (top, left, bottom, right)."""
         kernel = np.transpose(np.asarray(kernel_hwio, np.float32), (3, 2, 0, 1))
         inputs = [x, self.constant(kernel, f"{hint}_w")]
         if bias is not None:
@@ -101,7 +101,7 @@ class GraphBuilder:
         return self.node("Add", [a, b], "residual")
 
     def zero_padded_max_pool(self, x: str, size: int) -> str:
-        """Add a 3x3 stride-2 max pool over an NCHW tensor of `size` x `size` pixels padded by 1 with zeros; return it and its size.
+        """Add a 3x3 stride-2 max pool over an NCHW tensor of `size` x `size` pixels padded by 1 with zeros, and return it with its output size.
 
         ONNX `MaxPool` pads ignore the padded cells, so the zeros come back as a
         per-pixel floor: 0 where the window covers padding, -inf elsewhere. An explicit

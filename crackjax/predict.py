@@ -54,7 +54,7 @@ def head_probabilities(params: dict, mean: np.ndarray, std: np.ndarray, features
 class Predictor:
     """A loaded model: backbone with weights, head parameters and labels."""
 
-    def __init__(self, model_dir: str | Path, *, weights_path: str | Path | None = None, batch_size: int = 16):
+    def __init__(self, model_dir: str | Path, *, weights_path: str | Path | None = None, batch_size: int = 16, engine: str | None = None):
         from crackjax.backbones import file_sha256, get_weights_entry, package_resolver
         from crackjax.bottleneck import load_backbone
         from crackjax.weights.download import ensure_weights
@@ -76,7 +76,9 @@ class Predictor:
                 f"weights file {path} has sha256 {file_sha256(path)[:12]}..., but model {self.manifest['model_id']} was trained "
                 f"with {backbone['weights_sha256'][:12]}...; restore the original weights file or train a new model"
             )
-        self.backbone = load_backbone(backbone["name"], entry.name, path, compute_dtype=backbone.get("compute_dtype", "float32"))
+        self.backbone = load_backbone(
+            backbone["name"], entry.name, path, compute_dtype=backbone.get("compute_dtype", "float32"), engine=engine or backbone.get("engine", "xla")
+        )
         self.input_size = self.backbone.backbone.input_size
 
     @property

@@ -124,6 +124,7 @@ def validation_set(preprocessed: dict, features: dict, backbone: dict) -> Valida
             "name": backbone["name"],
             "weights_sha256": backbone["weights_sha256"],
             "compute_dtype": backbone["compute_dtype"],
+            "engine": backbone.get("engine", "xla"),
             "preprocess_key": preprocessed["preprocess_key"],
         },
     )
@@ -192,6 +193,7 @@ def _feature_source(manifest: dict) -> dict:
         "name": backbone["name"],
         "weights_sha256": backbone["weights_sha256"],
         "compute_dtype": backbone.get("compute_dtype", "float32"),
+        "engine": backbone.get("engine", "xla"),
         "preprocess_key": manifest.get("preprocessing", {}).get("preprocess_key"),
     }
 

@@ -85,7 +85,8 @@ def ingest_stage(
     try:
         assigned = split_records(scan.records, train_fraction=train_fraction, validation_fraction=validation_fraction, seed=seed)
     except DatasetError as error:
-        raise _report_failure(workspace, error, scan.rejected) from None
+        located = DatasetError(f"image folder {scan.root}: {error}", error.rejected)
+        raise _report_failure(workspace, located, scan.rejected) from None
     table = dataset_table(assigned)
     digest = dataset_digest(table)
 
@@ -96,7 +97,7 @@ def ingest_stage(
     for item in scan.rejected:
         log.warning("ingest: skipped %s: %s", item.path, item.reason)
     log.info(
-        "ingest: %d images in %d labels (%s) from %s, %d rejected, %d hidden skipped in %.1f s",
+        "ingest: %d images in %d labels (%s) from %s, %d rejected, %d hidden or non-image files ignored in %.1f s",
         table.num_rows, len(counts), ", ".join(f"{label} {sum(split.values())}" for label, split in counts.items()),
         scan.root, len(scan.rejected), scan.hidden_skipped, time.perf_counter() - started,
     )
@@ -157,7 +158,7 @@ def pixels_complete(preprocessed: dict) -> bool:
     return keys <= PartStore(preprocessed["pixels"]).keys()
 
 
-def resolve_backbone_stage(name: str | None, weights_path: str | None, compute_dtype: str = "float32") -> dict:
+def resolve_backbone_stage(name: str | None, weights_path: str | None, compute_dtype: str = "float32", engine: str = "xla") -> dict:
     """Resolve the backbone and its weights file (see `crackjax.backbones.resolve_backbone`)."""
     from crackjax.backbones import file_sha256, resolve_backbone
 
@@ -172,6 +173,7 @@ def resolve_backbone_stage(name: str | None, weights_path: str | None, compute_d
         "feature_size": resolved.backbone.feature_size,
         "pixel_scaling": resolved.backbone.pixel_scaling,
         "compute_dtype": compute_dtype,
+        "engine": engine,
         "fallback_reason": resolved.fallback_reason,
     }
 
@@ -179,14 +181,17 @@ def resolve_backbone_stage(name: str | None, weights_path: str | None, compute_d
 def _loaded(backbone: dict):
     from crackjax.bottleneck import load_backbone
 
-    return load_backbone(backbone["name"], backbone["weights"], backbone["weights_path"], compute_dtype=backbone["compute_dtype"])
+    return load_backbone(
+        backbone["name"], backbone["weights"], backbone["weights_path"], compute_dtype=backbone["compute_dtype"], engine=backbone.get("engine", "xla")
+    )
 
 
 def _feature_store(workspace: str | Path, backbone: dict, preprocess_key: str) -> PartStore:
     from crackjax.bottleneck import feature_store
 
     return feature_store(
-        workspace, backbone["name"], backbone["weights"], backbone["weights_sha256"], preprocess_key, backbone["compute_dtype"], backbone["feature_size"]
+        workspace, backbone["name"], backbone["weights"], backbone["weights_sha256"], preprocess_key, backbone["compute_dtype"], backbone["feature_size"],
+        engine=backbone.get("engine", "xla"),
     )
 
 
@@ -351,7 +356,7 @@ def export_stage(
     history = json.loads(Path(trained["history"]).read_text(encoding="utf-8"))
     manifest = {
         "labels": preprocessed["labels"],
-        "backbone": {key: backbone[key] for key in ("name", "requested", "weights", "weights_sha256", "input_size", "feature_size", "pixel_scaling", "compute_dtype", "fallback_reason")},
+        "backbone": {key: backbone[key] for key in ("name", "requested", "weights", "weights_sha256", "input_size", "feature_size", "pixel_scaling", "compute_dtype", "engine", "fallback_reason")},
         "preprocessing": {"input_size": preprocessed["input_size"], "resize": RESIZE_METHOD, "preprocess_key": preprocessed["preprocess_key"], "color": "RGB", "exif_orientation": True},
         "head": {**trained["config"], "num_classes": trained["num_classes"], "best_epoch": trained["best_epoch"], "epochs_run": trained["epochs_run"]},
         "metrics": {

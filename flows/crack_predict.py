@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from crackjax import registry
+from crackjax.logs import hide_user_error_tracebacks
 
 
 @task(name="predict")
@@ -38,6 +39,7 @@ def crack_predict(
     """
     from prefect.artifacts import create_table_artifact
 
+    hide_user_error_tracebacks()
     logger = get_run_logger()
     model_dir = registry.resolve_model(workspace, model)
     version = registry.version_of(workspace, model_dir)

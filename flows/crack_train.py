@@ -19,6 +19,7 @@ import logging
 from crackjax import registry, stages
 from crackjax.errors import CrackjaxError
 from crackjax.ingest import folder_fingerprint
+from crackjax.logs import hide_user_error_tracebacks
 from flows import artifacts
 from flows.caching import locked_policy, outputs_exist, result_storage, stage_cache_policy
 
@@ -45,8 +46,8 @@ def preprocess(ingested: dict, workspace: str, input_size: int, options: dict) -
 
 
 @task(name="resolve-backbone")
-def resolve_backbone(name: str | None, weights_path: str | None, compute_dtype: str) -> dict:
-    return stages.resolve_backbone_stage(name, weights_path, compute_dtype)
+def resolve_backbone(name: str | None, weights_path: str | None, compute_dtype: str, engine: str) -> dict:
+    return stages.resolve_backbone_stage(name, weights_path, compute_dtype, engine)
 
 
 @task(name="bottleneck-plan")
@@ -120,6 +121,7 @@ def crack_train(
     backbone: str | None = None,
     weights: str | None = None,
     compute_dtype: str = "float32",
+    engine: str = "xla",
     label_from: str = "folder",
     prefix_separator: str = "_",
     train_fraction: float = 0.7,
@@ -148,6 +150,9 @@ def crack_train(
     """
     from crackjax.head_config import HeadConfig
 
+    # Flow runs started by a worker never pass through the command line, so the
+    # traceback filter for input problems is attached here too.
+    hide_user_error_tracebacks()
     logger = get_run_logger()
     workspace = str(Path(workspace).expanduser().resolve())
     storage = result_storage(workspace)
@@ -160,7 +165,7 @@ def crack_train(
         "label_from": label_from, "prefix_separator": prefix_separator, "train_fraction": train_fraction,
         "validation_fraction": validation_fraction, "seed": split_seed, "strict": strict,
     })
-    resolved = resolve_backbone(backbone, weights, compute_dtype)
+    resolved = resolve_backbone(backbone, weights, compute_dtype, engine)
     preprocessed = _run_cached(preprocess, storage, ingested, workspace, resolved["input_size"], {
         "strict": strict, "max_rejected_fraction": max_rejected_fraction,
     })

@@ -31,7 +31,7 @@ def test_train_falls_back_without_resnet_weights(tmp_path, small_assets):
     assert completed.returncode == 0, output
     assert "Traceback" not in output
     assert "| ERROR" not in output
-    assert "using efficientnet_lite0 instead" in output
+    assert "so this run uses efficientnet_lite0" in output
     assert "crackjax weights fetch resnet_v2_101" in output
     assert "epoch 20/20: train loss" in output
     assert "confusion matrix" in output

@@ -443,11 +443,13 @@ def test_weights_list_table_and_json(server, capsys):
     assert code == 0
     assert err == ""
     header, alpha_line, beta_line = out.splitlines()
-    assert header.split() == ["name", "backbone", "file", "size", "MB", "source", "cache"]
+    assert header.split() == ["name", "backbone", "size", "MB", "status", "path"]
     assert alpha_line.split()[0] == "alpha"
-    assert alpha_line.split()[-1] == "verified"
+    assert alpha_line.split()[-2] == "verified"
+    assert alpha_line.split()[-1] == str(cached_path(cached_entry))
     assert "0.3" in alpha_line.split()
-    assert beta_line.split()[-1] == "missing"
+    assert beta_line.split()[-2] == "missing"
+    assert beta_line.split()[-1] == str(cached_path(missing_entry))
 
     code, out, err = run_command(["weights", "list", "--json"], [cached_entry, missing_entry], capsys)
     assert code == 0

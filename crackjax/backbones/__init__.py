@@ -18,6 +18,7 @@ from pathlib import Path
 from crackjax.backbones import bit, efficientnet_lite, resnet_v2
 from crackjax.backbones.base import Backbone
 from crackjax.errors import CrackjaxError
+from crackjax.weights.cache import cached_path
 from crackjax.weights.download import ensure_weights
 from crackjax.weights.entry import WeightsEntry, WeightsError, WeightsMissingError
 
@@ -93,10 +94,12 @@ def resolve_backbone(name: str | None = None, weights_path: str | Path | None = 
     except WeightsError as error:
         if requested is not None or weights_path is not None:
             raise
+        log.info("backbone: weights %s unavailable: %s", entry.name, error)
         reason = (
-            f"the default backbone {backbone.name} has no weights here ({error}); using {FALLBACK_BACKBONE} instead. "
-            f"To train with {backbone.name}, run `crackjax weights fetch {entry.name}` on a machine with internet, "
-            f"or place {entry.file_name} in the cache, then pass --backbone {backbone.name}"
+            f"the weights of the default backbone {backbone.name} are not in the cache and could not be downloaded, "
+            f"so this run uses {FALLBACK_BACKBONE}. To train with {backbone.name}, place {entry.file_name} at "
+            f"{cached_path(entry)} (`crackjax weights fetch {entry.name}` downloads it), or pass "
+            f"--backbone {backbone.name} --weights PATH"
         )
         log.warning("backbone: %s", reason)
 

