@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=400, help="400 for the real set, more to synthesize (default %(default)s)")
     parser.add_argument("--backbone", default="efficientnet_lite0", help="backbone name (default %(default)s)")
+    parser.add_argument("--engine", choices=("xla", "onnxruntime"), default="xla", help="bottleneck runtime (default %(default)s)")
     parser.add_argument("--root", default="/tmp/crackjax-bench-rss", help="scratch folder for images and workspace (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds the bottleneck child may run (default %(default)s)")
     parser.add_argument("--json", default=None, help="append the result as a JSON line to this file")
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     ingested = stages.ingest_stage(assets, workspace)
-    backbone = stages.resolve_backbone_stage(args.backbone, None)
+    backbone = stages.resolve_backbone_stage(args.backbone, None, engine=args.engine)
     preprocessed = stages.preprocess_stage(ingested, workspace, backbone["input_size"])
     prepare_s = time.perf_counter() - started
 

@@ -88,8 +88,8 @@ class Predictor:
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Return `(n, classes)` probabilities for `(n, size, size, 3) uint8` images, in fixed-shape batches.
 
-        A single image runs as a batch of one, so answering one request does not pay
-        for `batch_size` forward passes; anything larger runs in batches of `batch_size`,
+        A single image runs as a batch of one, so classifying one image does not cost
+        `batch_size` forward passes; anything larger runs in batches of `batch_size`,
         the last one padded. Each of the two shapes compiles once per process.
         """
         outputs = []
@@ -162,7 +162,7 @@ def predict_path(predictor: Predictor, target: str | Path) -> list[Prediction]:
     """Classify the image `target`, or every image under the folder `target`.
 
     Raises CrackjaxError when `target` does not exist, when a single file is not a
-    readable image, or when a folder holds no images.
+    readable image, or when a folder contains no images.
     """
     target = check_target(target)
 
@@ -207,7 +207,12 @@ def format_predictions(results: list[Prediction], output_format: str = "table") 
             continue
         line = f"{result.path:<{width}}  {result.label:<10}  {result.probability:.4f}     "
         if labelled:
-            mark = "" if result.true_label is None else (" (correct)" if result.true_label == result.label else " (wrong)")
+            if result.true_label is None:
+                mark = ""
+            elif result.true_label == result.label:
+                mark = " (correct)"
+            else:
+                mark = " (wrong)"
             line += f"  {result.true_label or '-'}{mark}"
         lines.append(line.rstrip())
     if labelled:

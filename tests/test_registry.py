@@ -19,7 +19,7 @@ from crackjax.export import export_model, newest_model
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FEATURE_SIZE = 8
 LABELS = ["CD", "UD"]
-SOURCE = {"name": "efficientnet_lite0", "weights_sha256": "ab" * 32, "compute_dtype": "float32", "preprocess_key": "pre-1"}
+SOURCE = {"name": "efficientnet_lite0", "weights_sha256": "ab" * 32, "compute_dtype": "float32", "engine": "xla", "preprocess_key": "pre-1"}
 
 
 def make_validation(seed: int, digest: str = "d1", count: int = 40) -> registry.ValidationSet:
@@ -41,7 +41,7 @@ def make_model(workspace: Path, model_id: str, strength: float, *, digest: str =
     }
     manifest = {
         "labels": list(labels),
-        "backbone": {"name": source["name"], "weights": "efficientnet_lite0_imagenet", "weights_sha256": source["weights_sha256"], "compute_dtype": source["compute_dtype"]},
+        "backbone": {"name": source["name"], "weights": "efficientnet_lite0_imagenet", "weights_sha256": source["weights_sha256"], "compute_dtype": source["compute_dtype"], "engine": source["engine"]},
         "preprocessing": {"preprocess_key": source["preprocess_key"]},
         "head": {"hidden_units": 0},
         "data": {"digest": digest, "assets": "/data", "counts": {}},

@@ -81,7 +81,7 @@ def resolve_backbone(name: str | None = None, weights_path: str | Path | None = 
     """Find the weights file for backbone `name` (the default when None).
 
     With no name, missing ResNet-v2 weights make crackjax fall back to
-    `efficientnet_lite0` with a warning that says why and how to get the weights. A
+    `efficientnet_lite0` with a warning that gives the reason and how to get the weights. A
     backbone named explicitly never falls back: its missing weights raise
     WeightsMissingError.
     """
