@@ -175,6 +175,10 @@ def run_train(args: argparse.Namespace) -> int:
     from flows.crack_train import crack_train
 
     if args.temporary_server is not None:
+        # The backbone registry imports JAX and Flax (about 1 s), which every run needs
+        # for its resolve-backbone task; importing it here overlaps the server's boot.
+        import crackjax.backbones  # noqa: F401
+
         args.temporary_server.wait_until_ready()
     hide_user_error_tracebacks()
     flow = crack_train
