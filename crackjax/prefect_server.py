@@ -1,7 +1,7 @@
 """A temporary Prefect API server that boots while the command line loads JAX and the flow.
 
 Prefect starts the same temporary server by itself when `PREFECT_API_URL` is unset, but
-only when the flow begins, after every import; booting it takes about 4 s on 2 cores.
+only when the flow begins, after every import. Booting it takes about 4 s on 2 cores.
 Starting it as the first step of `crackjax train`, in its own process, overlaps the two.
 The server runs the same command and settings as Prefect 3.9's `SubprocessASGIServer`,
 uses the SQLite database of `PREFECT_HOME`, listens on 127.0.0.1 only, and is stopped
@@ -45,7 +45,7 @@ class TemporaryServer:
         self.process = subprocess.Popen(command, env={**os.environ, **server_env}, stdin=subprocess.DEVNULL)
 
     def wait_until_ready(self, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
-        """Block until the server answers its health check; raise RuntimeError when it exits or times out."""
+        """Block until the server passes its health check; raise RuntimeError when it exits or times out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -58,7 +58,7 @@ class TemporaryServer:
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"the temporary Prefect server did not answer on {self.api_url} within {timeout:.0f} s")
+        raise RuntimeError(f"the temporary Prefect server at {self.api_url} did not respond within {timeout:.0f} s; check that port and PREFECT_HOME, or set PREFECT_API_URL to a running server")
 
     def stop(self) -> None:
         """Terminate the server process, killing it after 5 s."""
