@@ -253,12 +253,67 @@ def load_feature_matrix(store: PartStore, keys: list[str], feature_size: int) ->
 
 
 @functools.lru_cache(maxsize=4)
+def _converted_path(name: str, weights_sha256: str) -> Path:
+    """Return where the Flax variables converted from a weights file are cached.
+
+    The key covers the weights file's sha256 and the source of the backbone's family
+    module and of `crackjax.weights` (the readers), so a new file or a changed loader
+    converts again.
+    """
+    from crackjax.backbones import get_backbone
+    from crackjax.versioning import code_digest
+    from crackjax.weights.cache import cache_dir
+
+    build = get_backbone(name).build
+    module = getattr(build, "func", build).__module__
+    loader = code_digest(module, "crackjax.weights")
+    key = digest_of({"weights_sha256": weights_sha256, "loader": loader, "version": FEATURES_VERSION})[:24]
+    return cache_dir() / "converted" / f"{name}-{key}.npz"
+
+
+def _read_converted(name: str, weights_sha256: str) -> Params | None:
+    """Return the cached converted variables of a weights file, or None when absent or unreadable."""
+    path = _converted_path(name, weights_sha256)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            variables: dict = {}
+            for flat_name in data.files:
+                node = variables
+                *parents, leaf = flat_name.split("/")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = data[flat_name]
+        return variables
+    except (OSError, ValueError, KeyError) as error:
+        log.warning("backbone: cached conversion %s is unreadable (%s); converting the weights file again", path, error)
+        return None
+
+
+def _write_converted(name: str, weights_sha256: str, variables: Params) -> None:
+    """Cache converted variables as one `.npz` so later processes skip the conversion; failures only log."""
+    from crackjax.atomic import atomic_path
+
+    path = _converted_path(name, weights_sha256)
+    flat = {"/".join(str(getattr(part, "key", part)) for part in key_path): np.asarray(leaf) for key_path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
+    try:
+        with atomic_path(path) as temp:
+            with open(temp, "wb") as handle:
+                np.savez(handle, **flat)
+    except OSError as error:
+        log.info("backbone: cannot cache the converted weights at %s (%s); the next process converts them again", path, error)
+
+
 def _load_backbone_cached(name: str, weights_name: str, weights_path: str, weights_sha256: str, compute_dtype: str, engine: str):
     from crackjax.backbones import get_backbone
 
     backbone = get_backbone(name)
     started = time.perf_counter()
-    variables = backbone.load_params(Path(weights_path))
+    variables = _read_converted(name, weights_sha256)
+    if variables is None:
+        variables = backbone.load_params(Path(weights_path))
+        _write_converted(name, weights_sha256, variables)
     log.info("backbone: loaded %s weights %s in %.1f s", name, weights_path, time.perf_counter() - started)
     if engine == "onnxruntime":
         from crackjax.onnx_engine import OnnxBackbone
