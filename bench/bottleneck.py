@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-DATASET = Path(os.environ.get("CRACKJAX_BENCH_IMAGES", "/work/shared/datasets/sdnet2018-decks"))
+# The real images lie beside the repository, as for the tests; CRACKJAX_BENCH_IMAGES overrides.
+DATASET = Path(os.environ.get("CRACKJAX_BENCH_IMAGES", Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sdnet2018-decks"))
 ENGINES = ("crackjax", "crackjax-noxnn", "crackjax-bf16", "crackjax-ort", "tensorflow", "onnxruntime", "torch", "torch-bf16")
 FLOAT32_PEERS = ("tensorflow", "onnxruntime", "torch")
 KERAS_MODELS = {"resnet_v2_50": "ResNet50V2", "resnet_v2_101": "ResNet101V2", "resnet_v2_152": "ResNet152V2"}

@@ -23,8 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import link_assets
+
 REPO = Path(__file__).resolve().parent.parent
-DATASET = Path(os.environ.get("CRACKJAX_BENCH_IMAGES", "/work/shared/datasets/sdnet2018-decks"))
+# The real images lie beside the repository, as for the tests; CRACKJAX_BENCH_IMAGES overrides.
+DATASET = Path(os.environ.get("CRACKJAX_BENCH_IMAGES", Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sdnet2018-decks"))
 
 
 def synthesize(folder: Path, count: int, seed: int = 0) -> int:
@@ -50,17 +53,6 @@ def synthesize(folder: Path, count: int, seed: int = 0) -> int:
             image.crop((left, top, left + side, top + side)).save(target, quality=rng.randint(85, 95))
         written += 1
     return written
-
-
-def link_real(folder: Path) -> int:
-    count = 0
-    for source in sorted(DATASET.glob("*/*.jpg")):
-        target = folder / source.parent.name / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            target.symlink_to(source)
-        count += 1
-    return count
 
 
 def bottleneck_child(state_path: str) -> int:
@@ -98,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     assets, workspace = root / "assets", root / "workspace"
     started = time.perf_counter()
     if args.images <= 400:
-        count = link_real(assets)
+        count = link_assets(assets)
     else:
         synthesize(assets, args.images)
         count = args.images

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DATASET = Path(os.environ.get("CRACKJAX_BENCH_IMAGES", "/work/shared/datasets/sdnet2018-decks"))
+# The real images lie beside the repository, as for the tests; CRACKJAX_BENCH_IMAGES overrides.
+DATASET = Path(os.environ.get("CRACKJAX_BENCH_IMAGES", Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sdnet2018-decks"))
 CRACKJAX = str(Path(sys.executable).parent / "crackjax")
 
 

@@ -80,7 +80,7 @@ def feature_store(
     """Open the feature store of `workspace` for this backbone, weights file, preprocessing, dtype and engine.
 
     The "xla" engine leaves `engine` out of the store description, so stores written
-    before engines existed keep their key; any other engine gets a store of its own.
+    before engines existed keep their key. Any other engine gets a store of its own.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")

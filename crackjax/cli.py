@@ -225,7 +225,11 @@ def run_predict(args: argparse.Namespace) -> int:
     model_dir = resolve_model(args.workspace, args.model)
     predictor = Predictor(model_dir, weights_path=args.weights, engine=args.engine)
     results = predict_path(predictor, args.path)
-    output_format = "json" if args.json else "csv" if args.csv else "table"
+    output_format = "table"
+    if args.json:
+        output_format = "json"
+    elif args.csv:
+        output_format = "csv"
     text = format_predictions(results, output_format)
     if args.output:
         from crackjax.atomic import write_text

@@ -39,7 +39,7 @@ STALE_EXPORT_SECONDS = 3600
 
 
 def models_dir(workspace: str | Path) -> Path:
-    """Return the folder that holds the model folders of `workspace`."""
+    """Return the folder that contains the model folders of `workspace`."""
     return Path(workspace) / "models"
 
 

@@ -1,8 +1,8 @@
 """Head: a softmax classifier trained with optax on cached bottleneck features.
 
 The head is linear by default, with one optional hidden layer. With `standardize`,
-features are scaled by the training split's mean and standard deviation; both are
-stored with the head either way (zeros and ones when off). One jitted call runs a whole epoch (shuffle, fixed-shape batches with
+features are scaled by the training split's mean and standard deviation. Both are
+stored with the head either way, as zeros and ones when it is off. One jitted call runs a whole epoch (shuffle, fixed-shape batches with
 the last one padded and masked, and `lax.scan` over the batches), so 100 epochs on a
 few hundred features take seconds.
 """

@@ -78,7 +78,7 @@ class RejectedFile:
 
 @dataclasses.dataclass
 class ScanResult:
-    """What `scan_folder` found under `root`."""
+    """The result of `scan_folder`: image records, rejected files and the count of ignored files."""
 
     root: Path
     records: list[ImageRecord]
@@ -148,13 +148,13 @@ def scan_folder(
 
     Hidden files (`.DS_Store`, `._x.jpg`) are skipped. Files that cannot be images
     (unknown extension, empty, unidentifiable, over the pixel limit) are recorded as
-    rejected with a reason; with `strict=True` the first one raises ImageError.
+    rejected with a reason. With `strict=True` the first one raises ImageError.
     Identical bytes under one label are kept once; identical bytes under two labels
     are a label conflict, and every copy is rejected.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DatasetError(f"image folder {root} not found; pass the folder that holds one sub-folder per label")
+        raise DatasetError(f"image folder {root} not found; pass the folder that contains one sub-folder per label")
     if label_from not in (LABEL_FROM_FOLDER, LABEL_FROM_PREFIX):
         raise ValueError(f"label_from must be {LABEL_FROM_FOLDER!r} or {LABEL_FROM_PREFIX!r}, not {label_from!r}")
 

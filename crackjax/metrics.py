@@ -36,7 +36,7 @@ def classification_metrics(label_ids: np.ndarray, probabilities: np.ndarray, lab
     """Compute test metrics from true `(n,)` label ids and `(n, classes)` probabilities.
 
     ROC-AUC is that of the second class's probability for two classes, and the macro
-    average of one-vs-rest AUCs for more; classes absent from the labels are left out.
+    average of one-vs-rest AUCs for more. Classes absent from the labels are left out.
     """
     label_ids = np.asarray(label_ids, np.int64)
     probabilities = np.asarray(probabilities, np.float64)

@@ -86,7 +86,7 @@ class GraphBuilder:
         """Add `x * scale + shift` with one scale and shift per channel of an NCHW tensor.
 
         It is written as a `BatchNormalization` node with mean 0, variance 1 and epsilon
-        0, which ONNX Runtime 1.31 runs as one kernel: ResNet50-v2 ran 7% faster than
+        0, which ONNX Runtime 1.31 runs as one kernel. ResNet50-v2 ran 7% faster this way than
         with a `Mul` and an `Add` (27.7 against 25.9 img/s, batch 32, 2 CPU cores).
         """
         scale = np.asarray(scale, np.float32).reshape(-1)

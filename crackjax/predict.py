@@ -89,7 +89,7 @@ class Predictor:
         """Return `(n, classes)` probabilities for `(n, size, size, 3) uint8` images, in fixed-shape batches.
 
         A single image runs as a batch of one, so classifying one image does not cost
-        `batch_size` forward passes; anything larger runs in batches of `batch_size`,
+        `batch_size` forward passes. anything larger runs in batches of `batch_size`,
         the last one padded. Each of the two shapes compiles once per process.
         """
         outputs = []

@@ -30,7 +30,7 @@ PREPROCESS_VERSION = 1
 
 @dataclasses.dataclass
 class PreprocessResult:
-    """What `preprocess_images` did: the usable rows, the store, counts and rejected files."""
+    """The result of `preprocess_images`: the usable rows, the store, counts and rejected files."""
 
     table: pa.Table
     store_folder: Path

@@ -139,7 +139,7 @@ def crack_train(
     """Train a crack classifier on the labelled images under `assets` and export it into `workspace/models`.
 
     `backbone` None means the default ResNet-v2-101, with a fallback to
-    EfficientNet-Lite0 when its weights are missing. `head` holds head options by the
+    EfficientNet-Lite0 when its weights are missing. `head` contains head options by the
     names of `crackjax.head.HeadConfig` (epochs, learning_rate, schedule, ...).
 
     The exported model is registered as a new version in `workspace/models/registry.json`.

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sdnet_paths import SDNET_DIR
 from crackjax.bottleneck import feature_fidelity
 from crackjax.runtime import XNN_FUSION_GREEDY, xla_flags_with_fusion
 
 REPO = Path(__file__).resolve().parent.parent
-DATASET = Path("/work/shared/datasets/sdnet2018-decks")
+DATASET = SDNET_DIR
 IMAGES = (DATASET / "CD" / "7001-115.jpg", DATASET / "UD" / "7001-1.jpg")
 
 # Runs in a child process, so XLA_FLAGS and the compilation cache are set before JAX starts.

@@ -1,6 +1,6 @@
 """crack-train end to end with a ResNet-v2-50 weights file in the Keras 2 `.h5` layout.
 
-No pretrained weights can be downloaded here, so the file holds random values from
+No pretrained weights can be downloaded here, so the file contains random values from
 Keras 3 (JAX backend) and is placed in the weights cache, as a user would place a
 file downloaded elsewhere. This proves the whole path: registry, cache, `.h5` loader,
 bottleneck, head, export and predict.
