@@ -7,8 +7,9 @@ bounded by a batch and a part, and a killed run resumes from the parts it wrote.
 Feature rows are keyed by image sha256 inside a store whose key covers the backbone,
 the sha256 of its weights file, the preprocessing, the compute dtype and the engine.
 
-Two engines run the forward pass: "xla" (the jitted Flax module, the default) and
-"onnxruntime" (`crackjax.onnx_engine`, an ONNX graph built from the same variables).
+Two engines run the forward pass: "xla" (the jitted Flax module) and "onnxruntime"
+(`crackjax.onnx_engine`, an ONNX graph built from the same variables); "auto" picks
+one by measuring both (`crackjax.engines`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ import numpy as np
 import pyarrow as pa
 
 from crackjax.backbones.base import Backbone, Params, scale_pixels
+from crackjax.engines import ENGINE_CHOICES, ENGINES, choose_engine
 from crackjax.store import CorruptPartError, PartStore, chunked, digest_of
 
 log = logging.getLogger(__name__)
 
 FEATURES_VERSION = 1
-ENGINES = ("xla", "onnxruntime")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,8 +251,6 @@ def load_feature_matrix(store: PartStore, keys: list[str], feature_size: int) ->
     return matrix
 
 
-
-
 @functools.lru_cache(maxsize=4)
 def _converted_path(name: str, weights_sha256: str) -> Path:
     """Return where the Flax variables converted from a weights file are cached.
@@ -305,6 +304,7 @@ def _write_converted(name: str, weights_sha256: str, variables: Params) -> None:
         log.info("backbone: cannot cache the converted weights at %s (%s); the next process converts them again", path, error)
 
 
+@functools.lru_cache(maxsize=4)
 def _load_backbone_cached(name: str, weights_name: str, weights_path: str, weights_sha256: str, compute_dtype: str, engine: str):
     from crackjax.backbones import get_backbone
 
@@ -325,19 +325,23 @@ def _load_backbone_cached(name: str, weights_name: str, weights_path: str, weigh
 def load_backbone(name: str, weights_name: str, weights_path: str | Path, *, compute_dtype: str = "float32", engine: str = "xla"):
     """Load backbone `name` with the weights file at `weights_path`, memoised per process.
 
-    `engine` is "xla" (returns a `LoadedBackbone`) or "onnxruntime" (returns an
-    `OnnxBackbone`); both have `features(images)`. `compute_dtype` is `float32` or
+    `engine` is "xla" (returns a `LoadedBackbone`), "onnxruntime" (returns an
+    `OnnxBackbone`) or "auto" (either, as `crackjax.engines.choose_engine` decides);
+    both have `features(images)` and `engine`. `compute_dtype` is `float32` or
     `bfloat16`, and the onnxruntime engine runs float32 only. Features are returned
     as float32 either way.
     """
     from crackjax.backbones import file_sha256
     from crackjax.runtime import configure_jax
 
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine not in ENGINE_CHOICES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, not {engine!r}")
     if compute_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"compute dtype must be float32 or bfloat16, not {compute_dtype!r}")
     if engine == "onnxruntime" and compute_dtype != "float32":
         raise ValueError(f"the onnxruntime engine runs float32 only, not {compute_dtype!r}; use engine 'xla' for bfloat16")
     configure_jax()
-    return _load_backbone_cached(name, weights_name, str(weights_path), file_sha256(weights_path), compute_dtype, engine)
+    sha256 = file_sha256(weights_path)
+    if engine == "auto":
+        engine = choose_engine(engine, name, weights_name, weights_path, sha256, compute_dtype).engine
+    return _load_backbone_cached(name, weights_name, str(weights_path), sha256, compute_dtype, engine)

@@ -67,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workspace", default="workspace", help="folder for caches and models (default %(default)s)")
     train.add_argument("--backbone", default=None, help="backbone name, as `crackjax weights list` shows (default resnet_v2_101, falling back to efficientnet_lite0 without its weights)")
     train.add_argument("--weights", default=None, help="path of the backbone's weights file, instead of the cache")
-    train.add_argument("--engine", choices=("xla", "onnxruntime"), default="xla", help="runtime of the bottleneck forward pass; onnxruntime runs a graph built from the same weights, 2 to 4 times faster on CPU (default %(default)s)")
+    train.add_argument(
+        "--engine", choices=("auto", "xla", "onnxruntime"), default="auto",
+        help="runtime of the bottleneck forward pass: xla (the jitted Flax model), onnxruntime (a graph built from the same weights, "
+        "2 to 4 times faster on CPU), or auto, which measures both once per machine and backbone and takes the faster one "
+        "whose features match (default %(default)s)",
+    )
     train.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the bottleneck forward pass (default %(default)s)")
     train.add_argument("--label-from", choices=("folder", "prefix"), default="folder", help="take labels from sub-folder names or file-name prefixes (default %(default)s)")
     train.add_argument("--prefix-separator", default="_", help="separator after the label prefix, with --label-from prefix (default %(default)r)")

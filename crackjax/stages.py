@@ -158,22 +158,31 @@ def pixels_complete(preprocessed: dict) -> bool:
     return keys <= PartStore(preprocessed["pixels"]).keys()
 
 
-def resolve_backbone_stage(name: str | None, weights_path: str | None, compute_dtype: str = "float32", engine: str = "xla") -> dict:
-    """Resolve the backbone and its weights file (see `crackjax.backbones.resolve_backbone`)."""
+def resolve_backbone_stage(name: str | None, weights_path: str | None, compute_dtype: str = "float32", engine: str = "auto") -> dict:
+    """Resolve the backbone, its weights file (see `crackjax.backbones.resolve_backbone`) and its engine.
+
+    `engine` "auto" becomes "xla" or "onnxruntime" as `crackjax.engines.choose_engine`
+    decides; the result names the engine that runs, which keys the feature store.
+    """
     from crackjax.backbones import file_sha256, resolve_backbone
+    from crackjax.engines import choose_engine
 
     resolved = resolve_backbone(name, weights_path)
+    sha256 = file_sha256(resolved.weights_path)
+    choice = choose_engine(engine, resolved.backbone.name, resolved.weights.name, resolved.weights_path, sha256, compute_dtype)
+    if engine == "auto":
+        log.info("backbone: %s runs on engine %s (%s)", resolved.backbone.name, choice.engine, choice.reason)
     return {
         "name": resolved.backbone.name,
         "requested": name,
         "weights": resolved.weights.name,
         "weights_path": str(resolved.weights_path),
-        "weights_sha256": file_sha256(resolved.weights_path),
+        "weights_sha256": sha256,
         "input_size": resolved.backbone.input_size,
         "feature_size": resolved.backbone.feature_size,
         "pixel_scaling": resolved.backbone.pixel_scaling,
         "compute_dtype": compute_dtype,
-        "engine": engine,
+        "engine": choice.engine,
         "fallback_reason": resolved.fallback_reason,
     }
 

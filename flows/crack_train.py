@@ -121,7 +121,7 @@ def crack_train(
     backbone: str | None = None,
     weights: str | None = None,
     compute_dtype: str = "float32",
-    engine: str = "xla",
+    engine: str = "auto",
     label_from: str = "folder",
     prefix_separator: str = "_",
     train_fraction: float = 0.7,
@@ -139,8 +139,11 @@ def crack_train(
     """Train a crack classifier on the labelled images under `assets` and export it into `workspace/models`.
 
     `backbone` None means the default ResNet-v2-101, with a fallback to
-    EfficientNet-Lite0 when its weights are missing. `head` contains head options by the
-    names of `crackjax.head.HeadConfig` (epochs, learning_rate, schedule, ...).
+    EfficientNet-Lite0 when its weights are missing. `engine` "auto" runs the
+    bottleneck on ONNX Runtime when it is faster on this machine and its features
+    match XLA's (see `crackjax.engines`); "xla" or "onnxruntime" forces one. `head`
+    contains head options by the names of `crackjax.head.HeadConfig` (epochs,
+    learning_rate, schedule, ...).
 
     The exported model is registered as a new version in `workspace/models/registry.json`.
     `promote` "auto" makes it the champion only when its validation `promotion_metric`

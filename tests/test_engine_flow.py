@@ -29,3 +29,21 @@ def test_onnxruntime_engine_trains_and_predicts(tmp_path, small_assets):
     for onnx_prediction, xla_prediction in zip(onnx_predictions, xla_engine_predictions):
         assert onnx_prediction.path == xla_prediction.path
         assert np.isclose(onnx_prediction.probability, xla_prediction.probability, atol=1e-4)
+
+
+def test_default_engine_is_the_calibrated_one(tmp_path, small_assets):
+    from crackjax.backbones import file_sha256, resolve_backbone
+    from crackjax.engines import choose_engine
+
+    run = crack_train(assets=str(small_assets), workspace=str(tmp_path / "workspace"), backbone="efficientnet_lite0", head={"epochs": 5})
+
+    resolved = resolve_backbone("efficientnet_lite0")
+    expected = choose_engine("auto", "efficientnet_lite0", resolved.weights.name, resolved.weights_path, file_sha256(resolved.weights_path))
+    manifest = read_manifest(run["model_dir"])
+    assert manifest["backbone"]["engine"] == expected.engine
+    assert expected.calibration is not None
+    assert run["features_computed"] == 40
+    predictor = Predictor(run["model_dir"])
+    assert predictor.backbone.engine == expected.engine
+    predictions = predict_path(predictor, small_assets)
+    assert len(predictions) == 40 and all(prediction.error is None for prediction in predictions)

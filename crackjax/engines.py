@@ -1,0 +1,229 @@
+"""Choosing the bottleneck engine: "auto" measures both engines once per machine and backbone.
+
+Two engines run the same backbone variables: "xla" (the jitted Flax module) and
+"onnxruntime" (`crackjax.onnx_engine`). On CPU, ONNX Runtime's convolutions are two
+to four times faster than XLA's (docs/benchmarks.md); on GPU and TPU, XLA runs where
+the CPU-only ONNX Runtime cannot. `choose_engine("auto", ...)` decides like this:
+
+* `xla` when the compute dtype is not float32, onnxruntime is not installed, the
+  backbone has no ONNX graph builder, or JAX's default device is not a CPU;
+* otherwise it calibrates: both engines run the same probe batch, the onnxruntime
+  engine is chosen only when its features match XLA's within `PARITY_TOLERANCE` (max
+  absolute difference) and it is faster. The figures are kept as a small JSON record
+  in `cache_dir()/engines`, keyed by the backbone, the weights file's sha256, the CPU,
+  the library versions, the XLA flags and the engines' source, so calibration runs once
+  per machine and backbone; deleting the record measures again.
+
+An explicit "xla" or "onnxruntime" is used as given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("xla", "onnxruntime")
+ENGINE_CHOICES = ("auto", *ENGINES)
+# The issue that introduced the onnxruntime engine set this bound on feature differences.
+PARITY_TOLERANCE = 1e-3
+PROBE_BATCH = 8
+TIMED_RUNS = 2
+CALIBRATION_VERSION = 1
+# Backbone families that `crackjax.onnx_engine.build_onnx_model` can build.
+ONNX_FAMILIES = ("resnet_v2_", "efficientnet_lite", "bit_")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineChoice:
+    """The engine to run, why, and the calibration figures behind an automatic choice (or None)."""
+
+    engine: str
+    reason: str
+    calibration: dict | None = None
+
+
+def onnx_supported(backbone_name: str) -> bool:
+    """Return whether `crackjax.onnx_engine` can build an ONNX graph of backbone `backbone_name`."""
+    return backbone_name.startswith(ONNX_FAMILIES)
+
+
+def choose_engine(requested: str, backbone_name: str, weights_name: str, weights_path: str | Path, weights_sha256: str, compute_dtype: str = "float32") -> EngineChoice:
+    """Return the engine for `requested` ("auto", "xla" or "onnxruntime"); see the module docstring.
+
+    Raises ValueError for an unknown engine name.
+    """
+    if requested not in ENGINE_CHOICES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, not {requested!r}")
+    if requested != "auto":
+        return EngineChoice(requested, "named by the caller")
+    if compute_dtype != "float32":
+        return EngineChoice("xla", f"the onnxruntime engine runs float32 only, not {compute_dtype}")
+    if find_spec("onnxruntime") is None or find_spec("onnx") is None:
+        return EngineChoice("xla", "onnxruntime is not installed")
+    if not onnx_supported(backbone_name):
+        return EngineChoice("xla", f"the onnxruntime engine has no graph of {backbone_name}")
+
+    from crackjax.runtime import configure_jax
+
+    configure_jax()
+    import jax
+
+    device = jax.default_backend()
+    if device != "cpu":
+        return EngineChoice("xla", f"JAX runs on {device}, and the onnxruntime engine runs on CPU only")
+
+    path = calibration_path(backbone_name, weights_sha256)
+    record = _read_record(path)
+    if record is None:
+        record = calibrate(backbone_name, weights_name, weights_path)
+        _write_record(path, record)
+        log.info("engine: %s for %s (%s); kept in %s", record["engine"], backbone_name, describe(record), path)
+    return EngineChoice(record["engine"], describe(record), record)
+
+
+def describe(record: dict) -> str:
+    """Format a calibration record's figures: `measured: onnxruntime 95.1 img/s, xla 40.3 img/s, max abs difference 2.1e-06`."""
+    figures = [f"{engine} {record[f'{engine}_images_per_second']:.1f} img/s" for engine in ENGINES if record.get(f"{engine}_images_per_second")]
+    if record.get("max_abs_diff") is not None:
+        figures.append(f"max abs difference {record['max_abs_diff']:.1e}")
+    if record.get("error"):
+        figures.append(record["error"])
+    return "measured: " + ", ".join(figures)
+
+
+def calibration_path(backbone_name: str, weights_sha256: str) -> Path:
+    """Return where the calibration record of this backbone, weights file and machine is kept."""
+    from crackjax.store import digest_of
+    from crackjax.versioning import code_digest
+    from crackjax.weights.cache import cache_dir
+
+    key = digest_of({
+        "backbone": backbone_name,
+        "weights_sha256": weights_sha256,
+        "machine": _machine(),
+        "versions": {name: _version(name) for name in ("jax", "jaxlib", "onnxruntime", "onnx")},
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "code": code_digest("crackjax.onnx_engine", "crackjax.bottleneck", "crackjax.backbones", "crackjax.engines"),
+        "probe_batch": PROBE_BATCH,
+        "version": CALIBRATION_VERSION,
+    })[:24]
+    return cache_dir() / "engines" / f"{backbone_name}-{key}.json"
+
+
+def probe_images(size: int, count: int = PROBE_BATCH, seed: int = 0) -> np.ndarray:
+    """Return `(count, size, size, 3) uint8` images with photo-like statistics: smooth shapes plus grain."""
+    rng = np.random.default_rng(seed)
+    cells = max(size // 16, 1)
+    coarse = rng.uniform(40, 215, (count, cells, cells, 3))
+    repeat = -(-size // cells)
+    smooth = np.repeat(np.repeat(coarse, repeat, axis=1), repeat, axis=2)[:, :size, :size]
+    grain = rng.normal(0.0, 12.0, (count, size, size, 3))
+    return np.clip(smooth + grain, 0, 255).astype(np.uint8)
+
+
+def calibrate(backbone_name: str, weights_name: str, weights_path: str | Path) -> dict:
+    """Run both engines on the same probe batch and return the calibration record.
+
+    Each engine runs the batch once to build or compile, then `TIMED_RUNS` times; the
+    fastest run counts. A failure of the onnxruntime engine is recorded, and XLA is chosen.
+    """
+    from crackjax.bottleneck import feature_fidelity, load_backbone
+
+    started = time.perf_counter()
+    xla = load_backbone(backbone_name, weights_name, weights_path, engine="xla")
+    images = probe_images(xla.backbone.input_size)
+    record = {"backbone": backbone_name, "probe_batch": len(images), "tolerance": PARITY_TOLERANCE, "machine": _machine()}
+    xla_features, record["xla_images_per_second"] = _measure(xla.features, images)
+    try:
+        onnx = load_backbone(backbone_name, weights_name, weights_path, engine="onnxruntime")
+        onnx_features, record["onnxruntime_images_per_second"] = _measure(onnx.features, images)
+    except Exception as error:  # noqa: BLE001 - any failure of the optional engine means XLA runs
+        log.warning("engine: the onnxruntime engine failed on %s (%s: %s); using xla", backbone_name, type(error).__name__, error)
+        record.update(engine="xla", error=f"onnxruntime failed: {type(error).__name__}: {error}", max_abs_diff=None)
+        record["seconds"] = round(time.perf_counter() - started, 2)
+        return record
+    fidelity = feature_fidelity(xla_features, onnx_features)
+    record["max_abs_diff"] = fidelity["max_abs_diff"]
+    record["min_cosine"] = fidelity["min_cosine"]
+    if not fidelity["max_abs_diff"] <= PARITY_TOLERANCE:
+        log.warning(
+            "engine: onnxruntime features of %s differ from xla's by up to %.2e, more than %.0e; using xla",
+            backbone_name, fidelity["max_abs_diff"], PARITY_TOLERANCE,
+        )
+        record["engine"] = "xla"
+        record["error"] = f"features differ by more than {PARITY_TOLERANCE:.0e}"
+    else:
+        faster = record["onnxruntime_images_per_second"] > record["xla_images_per_second"]
+        record["engine"] = "onnxruntime" if faster else "xla"
+    record["seconds"] = round(time.perf_counter() - started, 2)
+    return record
+
+
+def _measure(features, images: np.ndarray) -> tuple[np.ndarray, float]:
+    """Return the features of `images` and the best images per second over `TIMED_RUNS` runs after a first one."""
+    first = np.asarray(features(images))
+    best = float("inf")
+    for _ in range(TIMED_RUNS):
+        started = time.perf_counter()
+        np.asarray(features(images))
+        best = min(best, time.perf_counter() - started)
+    return first, round(len(images) / best, 2)
+
+
+def _machine() -> dict:
+    """Describe what decides engine speed: processor model, usable cores and architecture."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "cores": cores, "arch": platform.machine()}
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _read_record(path: Path) -> dict | None:
+    """Return the calibration record at `path`, or None when it is absent or unreadable."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        log.warning("engine: calibration record %s is unreadable (%s); measuring the engines again", path, error)
+        return None
+    if not isinstance(record, dict) or record.get("engine") not in ENGINES or "backbone" not in record:
+        log.warning("engine: calibration record %s is incomplete; measuring the engines again", path)
+        return None
+    return record
+
+
+def _write_record(path: Path, record: dict) -> None:
+    """Keep `record` at `path`; a failure only logs, and the next run measures again."""
+    from crackjax.atomic import write_json
+    from crackjax.errors import DiskFullError
+
+    try:
+        write_json(path, record)
+    except (OSError, DiskFullError) as error:
+        log.info("engine: cannot keep the calibration record at %s (%s); the next run measures again", path, error)

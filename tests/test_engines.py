@@ -1,0 +1,144 @@
+"""Automatic engine choice: calibration on the real EfficientNet-Lite0 weights, its record, and the cases that keep XLA."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from crackjax import bottleneck, engines
+from crackjax.backbones import file_sha256, resolve_backbone
+
+
+@pytest.fixture
+def lite0(monkeypatch, tmp_path):
+    """EfficientNet-Lite0 with its packaged weights, and an empty cache folder for calibration records."""
+    resolved = resolve_backbone("efficientnet_lite0")
+    monkeypatch.setenv("CRACKJAX_CACHE", str(tmp_path / "cache"))
+    path = resolved.weights_path
+    return {"backbone_name": "efficientnet_lite0", "weights_name": resolved.weights.name, "weights_path": path, "weights_sha256": file_sha256(path)}
+
+
+@pytest.fixture
+def fresh_backbones():
+    """Drop the loaded backbones of this process before and after the test, so it builds its own."""
+    bottleneck._load_backbone_cached.cache_clear()
+    yield
+    bottleneck._load_backbone_cached.cache_clear()
+
+
+def _records(tmp_path) -> list:
+    return sorted((tmp_path / "cache" / "engines").glob("*.json"))
+
+
+def test_auto_calibrates_once_and_reuses_the_record(lite0, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="crackjax")
+    choice = engines.choose_engine("auto", **lite0)
+
+    [record_path] = _records(tmp_path)
+    record = json.loads(record_path.read_text())
+    assert record == choice.calibration
+    assert record["backbone"] == "efficientnet_lite0"
+    assert record["probe_batch"] == engines.PROBE_BATCH
+    assert record["xla_images_per_second"] > 0
+    assert record["onnxruntime_images_per_second"] > 0
+    assert 0 <= record["max_abs_diff"] <= engines.PARITY_TOLERANCE
+    faster = max(engines.ENGINES, key=lambda name: record[f"{name}_images_per_second"])
+    assert choice.engine == faster
+    assert f"kept in {record_path}" in caplog.text
+
+    def no_second_calibration(*args):
+        raise AssertionError("calibrated again although a record exists")
+
+    monkeypatch.setattr(engines, "calibrate", no_second_calibration)
+    again = engines.choose_engine("auto", **lite0)
+    assert again.engine == choice.engine
+    assert again.calibration == record
+    assert "measured: " in again.reason and f"max abs difference {record['max_abs_diff']:.1e}" in again.reason
+
+
+def test_auto_keeps_xla_when_features_differ(lite0, tmp_path, monkeypatch, caplog):
+    # The real difference between the engines (about 1e-5) exceeds a zero tolerance.
+    monkeypatch.setattr(engines, "PARITY_TOLERANCE", 0.0)
+    choice = engines.choose_engine("auto", **lite0)
+
+    assert choice.engine == "xla"
+    assert choice.calibration["max_abs_diff"] > 0
+    assert "features differ by more than" in choice.calibration["error"]
+    assert "using xla" in caplog.text
+    assert json.loads(_records(tmp_path)[0].read_text())["engine"] == "xla"
+
+
+def test_auto_keeps_xla_when_onnxruntime_fails(lite0, tmp_path, monkeypatch, fresh_backbones, caplog):
+    import crackjax.onnx_engine
+
+    def broken_build(*args):
+        raise RuntimeError("graph builder broke")
+
+    monkeypatch.setattr(crackjax.onnx_engine, "build_onnx_model", broken_build)
+    choice = engines.choose_engine("auto", **lite0)
+
+    assert choice.engine == "xla"
+    assert choice.calibration["error"] == "onnxruntime failed: RuntimeError: graph builder broke"
+    assert choice.calibration["xla_images_per_second"] > 0
+    assert "the onnxruntime engine failed on efficientnet_lite0" in caplog.text
+
+
+def test_unreadable_record_is_measured_again(lite0, tmp_path, caplog):
+    path = engines.calibration_path(lite0["backbone_name"], lite0["weights_sha256"])
+    path.parent.mkdir(parents=True)
+    path.write_text('{"engine": "onnx', encoding="utf-8")
+
+    choice = engines.choose_engine("auto", **lite0)
+
+    assert "is unreadable" in caplog.text
+    assert json.loads(path.read_text()) == choice.calibration
+
+
+def test_choices_made_without_calibration(lite0, tmp_path, monkeypatch):
+    assert engines.choose_engine("xla", **lite0).engine == "xla"
+    assert engines.choose_engine("onnxruntime", **lite0).engine == "onnxruntime"
+    bf16 = engines.choose_engine("auto", **lite0, compute_dtype="bfloat16")
+    assert (bf16.engine, bf16.reason) == ("xla", "the onnxruntime engine runs float32 only, not bfloat16")
+    other = engines.choose_engine("auto", **{**lite0, "backbone_name": "vit_b16"})
+    assert (other.engine, other.reason) == ("xla", "the onnxruntime engine has no graph of vit_b16")
+    with pytest.raises(ValueError, match="auto, xla, onnxruntime"):
+        engines.choose_engine("tensorrt", **lite0)
+
+    monkeypatch.setattr(engines, "find_spec", lambda name: None if name == "onnxruntime" else object())
+    missing = engines.choose_engine("auto", **lite0)
+    assert (missing.engine, missing.reason) == ("xla", "onnxruntime is not installed")
+    assert _records(tmp_path) == []
+
+
+def test_record_key_covers_weights_and_backbone(lite0):
+    path = engines.calibration_path("efficientnet_lite0", lite0["weights_sha256"])
+    assert path == engines.calibration_path("efficientnet_lite0", lite0["weights_sha256"])
+    assert path != engines.calibration_path("efficientnet_lite0", "0" * 64)
+    assert path != engines.calibration_path("efficientnet_lite1", lite0["weights_sha256"])
+
+
+def test_probe_images_are_deterministic_and_varied():
+    first = engines.probe_images(224)
+    assert first.shape == (engines.PROBE_BATCH, 224, 224, 3) and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, engines.probe_images(224))
+    assert first.std() > 20
+    assert not np.array_equal(first[0], first[1])
+
+
+def test_load_backbone_auto_and_memoised(lite0):
+    arguments = (lite0["backbone_name"], lite0["weights_name"], lite0["weights_path"])
+    loaded = bottleneck.load_backbone(*arguments, engine="auto")
+    assert loaded.engine == engines.choose_engine("auto", **lite0).engine
+    assert bottleneck.load_backbone(*arguments, engine=loaded.engine) is loaded
+
+
+def test_every_registered_backbone_has_an_onnx_graph():
+    from crackjax.backbones import backbones
+
+    for name in backbones():
+        assert engines.onnx_supported(name), f"build_onnx_model has no graph for {name}"
