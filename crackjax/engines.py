@@ -1,9 +1,10 @@
 """Choosing the bottleneck engine: "auto" measures both engines once per machine and backbone.
 
 Two engines run the same backbone variables: "xla" (the jitted Flax module) and
-"onnxruntime" (`crackjax.onnx_engine`). On CPU, ONNX Runtime's convolutions are two
-to four times faster than XLA's (docs/benchmarks.md); on GPU and TPU, XLA runs where
-the CPU-only ONNX Runtime cannot. `choose_engine("auto", ...)` decides like this:
+"onnxruntime" (`crackjax.onnx_engine`). On 2 CPU cores the onnxruntime engine ran two
+to four times faster than XLA (docs/benchmarks.md). The onnxruntime package installed
+here runs on CPU only, so on GPU and TPU XLA runs. `choose_engine("auto", ...)`
+decides like this:
 
 * `xla` when the compute dtype is not float32, onnxruntime is not installed, the
   backbone has no ONNX graph builder, or JAX's default device is not a CPU;
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("xla", "onnxruntime")
 ENGINE_CHOICES = ("auto", *ENGINES)
-# The issue that introduced the onnxruntime engine set this bound on feature differences.
+# The largest absolute difference between the engines' features that still counts as the same features.
 PARITY_TOLERANCE = 1e-3
 PROBE_BATCH = 8
 TIMED_RUNS = 2
