@@ -114,7 +114,7 @@ def plan_bottleneck(keys: list[str], store: PartStore, shard_size: int = 512) ->
     return list(chunked(missing, shard_size)), len(unique) - len(missing)
 
 
-def _pixel_batches(pixels: PartStore, keys: list[str], input_size: int, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+def pixel_batches(pixels: PartStore, keys: list[str], input_size: int, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield `(keys, (batch_size, size, size, 3) uint8)` batches, the last one padded with zeros."""
     shape = (input_size, input_size, 3)
     buffer = np.zeros((batch_size, *shape), np.uint8)
@@ -166,7 +166,7 @@ def compute_shard(
         features.write_part(pa.Table.from_arrays([pa.array(part_keys, pa.string()), vectors], schema=schema))
         part_keys, part_rows = [], []
 
-    for batch_keys, images in _pixel_batches(pixels, keys, size, batch_size):
+    for batch_keys, images in pixel_batches(pixels, keys, size, batch_size):
         result = loaded.features(images)
         if pending is not None:
             collect(*pending)

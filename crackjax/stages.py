@@ -205,15 +205,31 @@ def _feature_store(workspace: str | Path, backbone: dict, preprocess_key: str) -
 
 
 def bottleneck_plan_stage(preprocessed: dict, backbone: dict, workspace: str | Path, *, shard_size: int = 512) -> dict:
-    """List the image keys still missing from the feature store, cut into shards for `bottleneck_shard_stage`."""
+    """List the image keys still missing from the feature store, cut into shards for `bottleneck_shard_stage`.
+
+    With the bfloat16 compute dtype, `crackjax.engines.check_bfloat16` first compares
+    bfloat16 and float32 features on a few of the dataset's photos, and raises
+    CrackjaxError when they differ too much.
+    """
     from crackjax.bottleneck import plan_bottleneck
 
     store = _feature_store(workspace, backbone, preprocessed["preprocess_key"])
     keys = pq.read_table(preprocessed["dataset"], columns=["sha256"])["sha256"].to_pylist()
     shards, cached = plan_bottleneck(keys, store, shard_size)
+    if backbone["compute_dtype"] == "bfloat16" and shards:
+        _check_bfloat16(preprocessed, backbone, keys)
     plan_path = store.folder / "plans" / f"{digest_of(shards)[:16]}.json"
     write_json(plan_path, shards)
     return {"features": str(store.folder), "plan": str(plan_path), "shards": len(shards), "cached": cached, "missing": sum(map(len, shards))}
+
+
+def _check_bfloat16(preprocessed: dict, backbone: dict, keys: list[str]) -> None:
+    from crackjax.bottleneck import pixel_batches
+    from crackjax.engines import PROBE_BATCH, check_bfloat16
+
+    sample = sorted(set(keys))[:PROBE_BATCH]
+    batch_keys, images = next(pixel_batches(PartStore(preprocessed["pixels"]), sample, backbone["input_size"], len(sample)))
+    check_bfloat16(backbone["name"], backbone["weights"], backbone["weights_path"], backbone["weights_sha256"], images[: len(batch_keys)], batch_keys)
 
 
 def bottleneck_shard_stage(plan: dict, index: int, preprocessed: dict, backbone: dict, workspace: str | Path, *, batch_size: int = 32) -> int:

@@ -1,4 +1,4 @@
-"""Bottleneck code paths beside the default: XNNPACK fusion flag, compilation cache, bfloat16 fidelity."""
+"""Bottleneck code paths beside the default: XNNPACK fusion flag, compilation cache, feature fidelity."""
 
 from __future__ import annotations
 
@@ -92,18 +92,3 @@ def test_xnn_fusion_same_features_and_cache(lite0_available, tmp_path):
     assert float(np.max(np.abs(default - plain))) <= 1e-4
     assert any((cache / "jax").iterdir()), "the compilation cache folder is empty after compiling the backbone"
 
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="bfloat16 casts every variable, batch norm statistics included; on two real photos the min cosine "
-    "to float32 features was 0.984 (max abs diff 0.62), below the 0.999 that enabling bfloat16 requires",
-)
-def test_bfloat16_features_fidelity(lite0_available, tmp_path):
-    """bfloat16 compute keeps the cosine similarity of EfficientNet-Lite0 features to float32 at or above 0.999."""
-    env = {"CRACKJAX_CACHE": str(tmp_path / "cache")}
-    float32, _ = _features(tmp_path, "float32", "float32", env)
-    bfloat16, _ = _features(tmp_path, "bfloat16", "bfloat16", env)
-
-    fidelity = feature_fidelity(float32, bfloat16)
-    assert fidelity["min_cosine"] >= 0.999, fidelity
-    assert fidelity["max_abs_diff"] > 0.0, "bfloat16 features equal float32 bit for bit; the dtype was not applied"

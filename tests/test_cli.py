@@ -69,6 +69,20 @@ def test_explicit_resnet_without_weights_fails_clearly(tmp_path, small_assets):
     assert "resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5" in completed.stderr
 
 
+def test_bfloat16_rejected_on_deck_photos(tmp_path, sdnet_dir):
+    workspace = tmp_path / "workspace"
+
+    completed = _run(["train", str(sdnet_dir), "--workspace", str(workspace), "--backbone", "efficientnet_lite0", "--compute-dtype", "bfloat16"], tmp_path)
+
+    assert completed.returncode == 1, completed.stdout + completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert "crackjax: error: bfloat16 features of efficientnet_lite0 reach a min cosine similarity of only" in completed.stderr
+    assert "train with --compute-dtype float32" in completed.stderr
+    assert list(workspace.glob("features/*/store.json"))
+    assert not list(workspace.glob("features/*/part-*.parquet"))
+    assert not (workspace / "models").exists()
+
+
 def test_unknown_backbone_lists_known_names(tmp_path, small_assets):
     completed = _run(["train", str(small_assets), "--backbone", "resnet_v3"], tmp_path)
 

@@ -144,3 +144,42 @@ def test_registered_backbones_have_onnx_graphs():
 
     for name in backbones():
         assert engines.onnx_supported(name), f"build_onnx_model has no graph for {name}"
+
+
+@pytest.fixture
+def deck_photos(sdnet_images):
+    """Four real deck photos at 224 px and their file names as keys."""
+    from crackjax.images import load_image
+
+    paths = sdnet_images["CD"][:2] + sdnet_images["UD"][:2]
+    return np.stack([load_image(path, 224) for path in paths]), [path.name for path in paths]
+
+
+def test_bfloat16_check_passes_and_records(lite0, deck_photos, tmp_path, monkeypatch):
+    monkeypatch.setattr(engines, "BFLOAT16_MIN_COSINE", 0.0)
+    images, keys = deck_photos
+    record = engines.check_bfloat16(**lite0, images=images, image_keys=keys)
+
+    [path] = (tmp_path / "cache" / "engines").glob("*-bfloat16.json")
+    assert json.loads(path.read_text()) == record
+    assert record["images"] == 4
+    assert record["max_abs_diff"] > 0
+    assert 0.0 < record["min_cosine"] <= 1.0
+
+
+def test_bfloat16_check_rejects_lite0_on_photos(lite0, deck_photos, monkeypatch):
+    """bfloat16 casts batch norm statistics too, and on real deck photos EfficientNet-Lite0 falls below the bound."""
+    from crackjax.errors import CrackjaxError
+
+    images, keys = deck_photos
+    with pytest.raises(CrackjaxError, match="train with --compute-dtype float32") as raised:
+        engines.check_bfloat16(**lite0, images=images, image_keys=keys)
+    assert "bfloat16 features of efficientnet_lite0 reach a min cosine similarity of only" in str(raised.value)
+    assert "on 4 photos of this dataset" in str(raised.value)
+
+    def no_second_measurement(*args, **kwargs):
+        raise AssertionError("measured again although a record exists")
+
+    monkeypatch.setattr(bottleneck, "load_backbone", no_second_measurement)
+    with pytest.raises(CrackjaxError, match="below the 0.999 required"):
+        engines.check_bfloat16(**lite0, images=images, image_keys=keys)
