@@ -129,6 +129,9 @@ def check_train_options(args: argparse.Namespace) -> None:
             raise CrackjaxError(f"--{name.replace('_', '-')} {value} is invalid; use a value strictly between 0 and 1")
     if not 0.0 <= args.max_rejected_fraction <= 1.0:
         raise CrackjaxError(f"--max-rejected-fraction {args.max_rejected_fraction} is invalid; use a value from 0 to 1")
+    from crackjax.engines import check_engine_options
+
+    check_engine_options(args.engine, args.compute_dtype)
     for name in ("bottleneck_batch_size", "shard_size", "epochs", "batch_size"):
         value = getattr(args, name, 1)
         if value < 1:

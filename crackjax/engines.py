@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("xla", "onnxruntime")
 ENGINE_CHOICES = ("auto", *ENGINES)
+COMPUTE_DTYPES = ("float32", "bfloat16")
 # The largest absolute difference between the engines' features that still counts as the same features.
 PARITY_TOLERANCE = 1e-3
 # The min cosine similarity to float32 features that bfloat16 features must keep.
@@ -62,6 +63,18 @@ class EngineChoice:
 def onnx_supported(backbone_name: str) -> bool:
     """Return whether `crackjax.onnx_engine` can build an ONNX graph of backbone `backbone_name`."""
     return backbone_name.startswith(ONNX_FAMILIES)
+
+
+def check_engine_options(engine: str, compute_dtype: str) -> None:
+    """Raise CrackjaxError for an unknown engine or compute dtype, or a pair that cannot run together."""
+    from crackjax.errors import CrackjaxError
+
+    if engine not in ENGINE_CHOICES:
+        raise CrackjaxError(f"engine {engine!r} is unknown; use one of {', '.join(ENGINE_CHOICES)}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise CrackjaxError(f"compute dtype {compute_dtype!r} is unknown; use one of {', '.join(COMPUTE_DTYPES)}")
+    if engine == "onnxruntime" and compute_dtype != "float32":
+        raise CrackjaxError(f"the onnxruntime engine runs float32 only, not {compute_dtype}; use --engine xla (or auto) with --compute-dtype {compute_dtype}")
 
 
 def choose_engine(requested: str, backbone_name: str, weights_name: str, weights_path: str | Path, weights_sha256: str, compute_dtype: str = "float32") -> EngineChoice:

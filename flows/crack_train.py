@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 import logging
 
 from crackjax import registry, stages
+from crackjax.engines import check_engine_options
 from crackjax.errors import CrackjaxError
 from crackjax.ingest import folder_fingerprint
 from crackjax.logs import hide_user_error_tracebacks
@@ -163,6 +164,7 @@ def crack_train(
     rule = registry.PromotionRule(promotion_metric, promotion_tolerance).to_dict()
     if promote not in registry.PROMOTE_MODES:
         raise CrackjaxError(f"promote {promote!r} is unknown; use one of {', '.join(registry.PROMOTE_MODES)}")
+    check_engine_options(engine, compute_dtype)
 
     ingested = _run_cached(ingest, storage, assets, workspace, {
         "label_from": label_from, "prefix_separator": prefix_separator, "train_fraction": train_fraction,

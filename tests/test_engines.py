@@ -183,3 +183,26 @@ def test_bfloat16_check_rejects_lite0_on_photos(lite0, deck_photos, monkeypatch)
     monkeypatch.setattr(bottleneck, "load_backbone", no_second_measurement)
     with pytest.raises(CrackjaxError, match="below the 0.999 required"):
         engines.check_bfloat16(**lite0, images=images, image_keys=keys)
+
+
+@pytest.mark.parametrize(
+    ("engine", "compute_dtype", "message"),
+    [
+        ("tensorrt", "float32", "engine 'tensorrt' is unknown; use one of auto, xla, onnxruntime"),
+        ("auto", "float16", "compute dtype 'float16' is unknown; use one of float32, bfloat16"),
+        ("onnxruntime", "bfloat16", "the onnxruntime engine runs float32 only, not bfloat16; use --engine xla (or auto)"),
+    ],
+)
+def test_engine_options_rejected(engine, compute_dtype, message):
+    from crackjax.errors import CrackjaxError
+
+    with pytest.raises(CrackjaxError) as raised:
+        engines.check_engine_options(engine, compute_dtype)
+    assert message in str(raised.value)
+
+
+def test_engine_options_accepted():
+    for engine in engines.ENGINE_CHOICES:
+        engines.check_engine_options(engine, "float32")
+    engines.check_engine_options("auto", "bfloat16")
+    engines.check_engine_options("xla", "bfloat16")
