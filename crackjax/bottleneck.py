@@ -205,7 +205,9 @@ def compute_features(
 
 def describe_counts(total: int, cached: int, computed: int, seconds: float) -> str:
     """Format the bottleneck log line: `280 images, 0 cached, 280 computed in 21.4 s (13.1 img/s)`."""
-    rate = computed / seconds if seconds > 0 and computed else 0.0
+    if not computed:
+        return f"{total} images, {cached} cached, 0 computed"
+    rate = computed / seconds if seconds > 0 else 0.0
     return f"{total} images, {cached} cached, {computed} computed in {seconds:.1f} s ({rate:.1f} img/s)"
 
 

@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--engine", choices=("auto", "xla", "onnxruntime"), default="auto",
         help="runtime of the bottleneck forward pass: xla (the jitted Flax model), onnxruntime (a graph built from the same weights, "
-        "2 to 4 times faster on CPU), or auto, which measures both once per machine and backbone and takes the faster one "
-        "whose features match (default %(default)s)",
+        "for CPU), or auto, which measures both once per machine and backbone and takes onnxruntime when it is faster and its "
+        "features match (default %(default)s)",
     )
     train.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the bottleneck forward pass (default %(default)s)")
     train.add_argument("--label-from", choices=("folder", "prefix"), default="folder", help="take labels from sub-folder names or file-name prefixes (default %(default)s)")

@@ -45,7 +45,7 @@ PARITY_TOLERANCE = 1e-3
 # The min cosine similarity to float32 features that bfloat16 features must keep.
 BFLOAT16_MIN_COSINE = 0.999
 PROBE_BATCH = 8
-TIMED_RUNS = 2
+TIMED_RUNS = 3
 CALIBRATION_VERSION = 1
 # Backbone families that `crackjax.onnx_engine.build_onnx_model` can build.
 ONNX_FAMILIES = ("resnet_v2_", "efficientnet_lite", "bit_")
@@ -103,22 +103,24 @@ def choose_engine(requested: str, backbone_name: str, weights_name: str, weights
         return EngineChoice("xla", f"JAX runs on {device}, and the onnxruntime engine runs on CPU only")
 
     path = calibration_path(backbone_name, weights_sha256)
-    record = _read_record(path, "engine", ENGINES)
-    if record is None:
-        record = calibrate(backbone_name, weights_name, weights_path)
-        _write_record(path, record)
+    record = _read_record(path, "engines")
+    if record is not None:
+        return EngineChoice(record["engine"], f"{describe(record)}; record {path}", record)
+    record = calibrate(backbone_name, weights_name, weights_path)
+    if _write_record(path, record):
         log.info("engine: %s for %s (%s); kept in %s", record["engine"], backbone_name, describe(record), path)
     return EngineChoice(record["engine"], describe(record), record)
 
 
 def describe(record: dict) -> str:
-    """Format a calibration record's figures: `measured: xla 62.3 img/s, onnxruntime 181.3 img/s, max abs difference 8.1e-06`."""
+    """Format a calibration record's figures: `measured 2026-12-04 22:46:10 +0000: xla 62.3 img/s, onnxruntime 181.3 img/s, max abs difference 8.1e-06`."""
     figures = [f"{engine} {record[f'{engine}_images_per_second']:.1f} img/s" for engine in ENGINES if record.get(f"{engine}_images_per_second")]
     if record.get("max_abs_diff") is not None:
         figures.append(f"max abs difference {record['max_abs_diff']:.1e}")
     if record.get("error"):
         figures.append(record["error"])
-    return "measured: " + ", ".join(figures)
+    when = f" {record['measured_at']}" if isinstance(record.get("measured_at"), str) else ""
+    return f"measured{when}: " + ", ".join(figures)
 
 
 def calibration_path(backbone_name: str, weights_sha256: str, measure: str = "engines", images: str = "probe") -> Path:
@@ -162,24 +164,39 @@ def probe_images(size: int, count: int = PROBE_BATCH, seed: int = 0) -> np.ndarr
 def calibrate(backbone_name: str, weights_name: str, weights_path: str | Path) -> dict:
     """Run both engines on the same probe batch and return the calibration record.
 
-    Each engine runs the batch once to build or compile, then `TIMED_RUNS` times; the
-    fastest run counts. A failure of the onnxruntime engine is recorded, and XLA is chosen.
+    Each engine runs the batch once to build or compile. Then the engines take turns for
+    `TIMED_RUNS` rounds, so a load from other processes slows both alike, and each
+    engine's fastest run counts. A failure of the onnxruntime engine is recorded, and XLA
+    is chosen.
     """
     from crackjax.bottleneck import feature_fidelity, load_backbone
 
     started = time.perf_counter()
     xla = load_backbone(backbone_name, weights_name, weights_path, engine="xla")
     images = probe_images(xla.backbone.input_size)
-    record = {"backbone": backbone_name, "probe_batch": len(images), "tolerance": PARITY_TOLERANCE, "machine": _machine()}
-    xla_features, record["xla_images_per_second"] = _measure(xla.features, images)
+    record = {
+        "backbone": backbone_name,
+        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "probe_batch": len(images),
+        "tolerance": PARITY_TOLERANCE,
+        "machine": _machine(),
+    }
+    xla_features = np.asarray(xla.features(images))
     try:
         onnx = load_backbone(backbone_name, weights_name, weights_path, engine="onnxruntime")
-        onnx_features, record["onnxruntime_images_per_second"] = _measure(onnx.features, images)
+        onnx_features = np.asarray(onnx.features(images))
+        best = {"xla": float("inf"), "onnxruntime": float("inf")}
+        for _ in range(TIMED_RUNS):
+            best["xla"] = min(best["xla"], _seconds(xla.features, images))
+            best["onnxruntime"] = min(best["onnxruntime"], _seconds(onnx.features, images))
     except Exception as error:  # noqa: BLE001 - any failure of the optional engine means XLA runs
         log.warning("engine: the onnxruntime engine failed on %s (%s: %s); using xla", backbone_name, type(error).__name__, error)
         record.update(engine="xla", error=f"onnxruntime failed: {type(error).__name__}: {error}", max_abs_diff=None)
+        record["xla_images_per_second"] = round(len(images) / _seconds(xla.features, images), 2)
         record["seconds"] = round(time.perf_counter() - started, 2)
         return record
+    for engine, seconds in best.items():
+        record[f"{engine}_images_per_second"] = round(len(images) / seconds, 2)
     fidelity = feature_fidelity(xla_features, onnx_features)
     record["max_abs_diff"] = fidelity["max_abs_diff"]
     record["min_cosine"] = fidelity["min_cosine"]
@@ -210,34 +227,31 @@ def check_bfloat16(backbone_name: str, weights_name: str, weights_path: str | Pa
     from crackjax.store import digest_of
 
     path = calibration_path(backbone_name, weights_sha256, "bfloat16", digest_of(sorted(image_keys))[:16])
-    record = _read_record(path, "min_cosine")
+    record = _read_record(path, "bfloat16")
     if record is None:
         from crackjax.bottleneck import feature_fidelity, load_backbone
 
         float32 = load_backbone(backbone_name, weights_name, weights_path, engine="xla")
         bfloat16 = load_backbone(backbone_name, weights_name, weights_path, compute_dtype="bfloat16", engine="xla")
         fidelity = feature_fidelity(np.asarray(float32.features(images)), np.asarray(bfloat16.features(images)))
-        record = {"backbone": backbone_name, "images": len(images), "machine": _machine(), **fidelity}
-        _write_record(path, record)
-        log.info("engine: bfloat16 features of %s have min cosine similarity %.4f to float32 on %d images; kept in %s", backbone_name, record["min_cosine"], len(images), path)
+        record = {"backbone": backbone_name, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %z"), "images": len(images), "machine": _machine(), **fidelity}
+        if _write_record(path, record):
+            log.info("engine: bfloat16 features of %s have min cosine similarity %.5f to float32 on %d images; kept in %s", backbone_name, record["min_cosine"], len(images), path)
     if record["min_cosine"] < BFLOAT16_MIN_COSINE:
+        where = f" (record {path})" if path.is_file() else ""
         raise CrackjaxError(
-            f"bfloat16 features of {backbone_name} reach a min cosine similarity of only {record['min_cosine']:.4f} to float32 "
+            f"bfloat16 features of {backbone_name} reach a min cosine similarity of only {record['min_cosine']:.5f} to float32 "
             f"on {record['images']} photos of this dataset (max abs difference {record['max_abs_diff']:.2g}), below the "
-            f"{BFLOAT16_MIN_COSINE} required; train with --compute-dtype float32 (the record is kept in {path})"
+            f"{BFLOAT16_MIN_COSINE} required; train with --compute-dtype float32{where}"
         )
     return record
 
 
-def _measure(features, images: np.ndarray) -> tuple[np.ndarray, float]:
-    """Return the features of `images` and the best images per second over `TIMED_RUNS` runs after a first one."""
-    first = np.asarray(features(images))
-    best = float("inf")
-    for _ in range(TIMED_RUNS):
-        started = time.perf_counter()
-        np.asarray(features(images))
-        best = min(best, time.perf_counter() - started)
-    return first, round(len(images) / best, 2)
+def _seconds(features, images: np.ndarray) -> float:
+    """Return the wall seconds of one forward pass of `images`, results included."""
+    started = time.perf_counter()
+    np.asarray(features(images))
+    return time.perf_counter() - started
 
 
 def _machine() -> dict:
@@ -269,11 +283,17 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def _read_record(path: Path, field: str, allowed: tuple | None = None) -> dict | None:
-    """Return the calibration record at `path`, or None when it is absent, unreadable or lacks `field`.
+# The fields a record must have, by measurement, and the types their values must have.
+_NUMBER = (int, float)
+_RECORD_FIELDS = {
+    "engines": {"backbone": str, "engine": str, "xla_images_per_second": _NUMBER},
+    "bfloat16": {"backbone": str, "images": int, "min_cosine": _NUMBER, "max_abs_diff": _NUMBER},
+}
+_OPTIONAL_NUMBERS = ("onnxruntime_images_per_second", "max_abs_diff")
 
-    With `allowed`, the value of `field` must also be one of `allowed`.
-    """
+
+def _read_record(path: Path, measure: str) -> dict | None:
+    """Return the calibration record at `path`, or None when it is absent, unreadable or malformed."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -281,18 +301,33 @@ def _read_record(path: Path, field: str, allowed: tuple | None = None) -> dict |
     except (OSError, ValueError) as error:
         log.warning("engine: calibration record %s is unreadable (%s); measuring again", path, error)
         return None
-    if not isinstance(record, dict) or "backbone" not in record or field not in record or (allowed is not None and record[field] not in allowed):
-        log.warning("engine: calibration record %s is incomplete; measuring again", path)
+    if not _well_formed(record, measure):
+        log.warning("engine: calibration record %s is incomplete or has values of the wrong type; measuring again", path)
         return None
     return record
 
 
-def _write_record(path: Path, record: dict) -> None:
-    """Keep `record` at `path`; a failure only logs, and the next run measures again."""
+def _well_formed(record, measure: str) -> bool:
+    if not isinstance(record, dict):
+        return False
+    for field, kind in _RECORD_FIELDS[measure].items():
+        if not isinstance(record.get(field), kind) or isinstance(record.get(field), bool):
+            return False
+    if measure == "engines":
+        if record["engine"] not in ENGINES:
+            return False
+        return all(record.get(field) is None or isinstance(record[field], _NUMBER) for field in _OPTIONAL_NUMBERS)
+    return True
+
+
+def _write_record(path: Path, record: dict) -> bool:
+    """Keep `record` at `path` and return True; on failure, log a warning and return False."""
     from crackjax.atomic import write_json
     from crackjax.errors import DiskFullError
 
     try:
         write_json(path, record)
     except (OSError, DiskFullError) as error:
-        log.info("engine: cannot keep the calibration record at %s (%s); the next run measures again", path, error)
+        log.warning("engine: cannot write the calibration record %s (%s); the next run measures again", path, error)
+        return False
+    return True

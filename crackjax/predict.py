@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,22 @@ def head_probabilities(params: dict, mean: np.ndarray, std: np.ndarray, features
     return (exponentials / exponentials.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def _runnable_engine(requested: str | None, trained: str) -> str:
+    """Return the engine to run: `requested`, else the one the model was trained with.
+
+    A model trained with onnxruntime runs with xla when the onnxruntime package is
+    missing, because both engines give the same features within 1e-3. An explicitly
+    requested onnxruntime raises ModelError instead.
+    """
+    engine = requested or trained
+    if engine != "onnxruntime" or (find_spec("onnxruntime") is not None and find_spec("onnx") is not None):
+        return engine
+    if requested:
+        raise ModelError("the onnxruntime engine needs the onnx and onnxruntime packages; install them (`make install`) or pass --engine xla")
+    log.warning("predict: the model was trained with the onnxruntime engine, but onnxruntime is not installed; running the backbone with xla, whose features match within 1e-3")
+    return "xla"
+
+
 class Predictor:
     """A loaded model: backbone with weights, head parameters and labels."""
 
@@ -77,7 +94,7 @@ class Predictor:
                 f"with {backbone['weights_sha256'][:12]}...; restore the original weights file or train a new model"
             )
         self.backbone = load_backbone(
-            backbone["name"], entry.name, path, compute_dtype=backbone.get("compute_dtype", "float32"), engine=engine or backbone.get("engine", "xla")
+            backbone["name"], entry.name, path, compute_dtype=backbone.get("compute_dtype", "float32"), engine=_runnable_engine(engine, backbone.get("engine", "xla"))
         )
         self.input_size = self.backbone.backbone.input_size
 

@@ -170,8 +170,7 @@ def resolve_backbone_stage(name: str | None, weights_path: str | None, compute_d
     resolved = resolve_backbone(name, weights_path)
     sha256 = file_sha256(resolved.weights_path)
     choice = choose_engine(engine, resolved.backbone.name, resolved.weights.name, resolved.weights_path, sha256, compute_dtype)
-    if engine == "auto":
-        log.info("backbone: %s runs on engine %s (%s)", resolved.backbone.name, choice.engine, choice.reason)
+    log.info("backbone: %s runs on engine %s (%s)", resolved.backbone.name, choice.engine, choice.reason)
     return {
         "name": resolved.backbone.name,
         "requested": name,
@@ -213,11 +212,12 @@ def bottleneck_plan_stage(preprocessed: dict, backbone: dict, workspace: str | P
     """
     from crackjax.bottleneck import plan_bottleneck
 
-    store = _feature_store(workspace, backbone, preprocessed["preprocess_key"])
     keys = pq.read_table(preprocessed["dataset"], columns=["sha256"])["sha256"].to_pylist()
-    shards, cached = plan_bottleneck(keys, store, shard_size)
-    if backbone["compute_dtype"] == "bfloat16" and shards:
+    if backbone["compute_dtype"] == "bfloat16":
+        # Checked before the store is opened, so a rejected run leaves no empty store behind.
         _check_bfloat16(preprocessed, backbone, keys)
+    store = _feature_store(workspace, backbone, preprocessed["preprocess_key"])
+    shards, cached = plan_bottleneck(keys, store, shard_size)
     plan_path = store.folder / "plans" / f"{digest_of(shards)[:16]}.json"
     write_json(plan_path, shards)
     return {"features": str(store.folder), "plan": str(plan_path), "shards": len(shards), "cached": cached, "missing": sum(map(len, shards))}

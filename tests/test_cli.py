@@ -78,8 +78,8 @@ def test_bfloat16_rejected_on_deck_photos(tmp_path, sdnet_dir):
     assert "Traceback" not in completed.stderr
     assert "crackjax: error: bfloat16 features of efficientnet_lite0 reach a min cosine similarity of only" in completed.stderr
     assert "train with --compute-dtype float32" in completed.stderr
-    assert list(workspace.glob("features/*/store.json"))
-    assert not list(workspace.glob("features/*/part-*.parquet"))
+    assert list(workspace.glob("pixels/*/part-*.parquet")), "preprocess should have run before the check"
+    assert not list(workspace.glob("features/*"))
     assert not (workspace / "models").exists()
 
 

@@ -58,8 +58,9 @@ def test_auto_calibration_record_reused(lite0, tmp_path, monkeypatch, caplog):
     again = engines.choose_engine("auto", **lite0)
     assert again.engine == choice.engine
     assert again.calibration == record
-    assert again.reason.startswith("measured: ")
+    assert again.reason.startswith(f"measured {record['measured_at']}: ")
     assert f"max abs difference {record['max_abs_diff']:.1e}" in again.reason
+    assert again.reason.endswith(f"; record {record_path}")
 
 
 def test_auto_keeps_xla_when_features_differ(lite0, tmp_path, monkeypatch, caplog):
@@ -98,6 +99,30 @@ def test_unreadable_record_is_measured_again(lite0, tmp_path, caplog):
 
     assert "is unreadable" in caplog.text
     assert json.loads(path.read_text()) == choice.calibration
+
+
+def test_record_with_wrong_types_is_measured_again(lite0, caplog):
+    path = engines.calibration_path(lite0["backbone_name"], lite0["weights_sha256"])
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"backbone": "efficientnet_lite0", "engine": "onnxruntime", "xla_images_per_second": "n/a"}), encoding="utf-8")
+
+    choice = engines.choose_engine("auto", **lite0)
+
+    assert "has values of the wrong type; measuring again" in caplog.text
+    assert isinstance(choice.calibration["xla_images_per_second"], float)
+    assert json.loads(path.read_text()) == choice.calibration
+
+
+def test_unwritable_record_folder_logs_warning(lite0, tmp_path, caplog):
+    # A file where the records folder belongs fails like a read-only cache, also for root.
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "engines").write_text("not a folder")
+
+    choice = engines.choose_engine("auto", **lite0)
+
+    assert choice.engine in engines.ENGINES
+    assert "cannot write the calibration record" in caplog.text
+    assert "kept in" not in caplog.text
 
 
 def test_choices_made_without_calibration(lite0, tmp_path, monkeypatch):

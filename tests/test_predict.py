@@ -24,3 +24,18 @@ def test_numpy_head_matches_flax_head(hidden_units):
 
     np.testing.assert_allclose(actual, expected, atol=1e-6)
     np.testing.assert_allclose(actual.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_engine_falls_back_without_onnxruntime(monkeypatch, caplog):
+    import crackjax.predict
+    from crackjax.errors import ModelError
+
+    assert crackjax.predict._runnable_engine(None, "onnxruntime") == "onnxruntime"
+    monkeypatch.setattr(crackjax.predict, "find_spec", lambda name: None if name == "onnxruntime" else object())
+
+    assert crackjax.predict._runnable_engine(None, "onnxruntime") == "xla"
+    assert "onnxruntime is not installed; running the backbone with xla" in caplog.text
+    assert crackjax.predict._runnable_engine(None, "xla") == "xla"
+    assert crackjax.predict._runnable_engine("xla", "onnxruntime") == "xla"
+    with pytest.raises(ModelError, match="install them .* or pass --engine xla"):
+        crackjax.predict._runnable_engine("onnxruntime", "xla")

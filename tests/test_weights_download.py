@@ -190,6 +190,19 @@ def test_fetch_good_file(server, cache, capfd, algorithm):
     assert capfd.readouterr().err == ""  # no progress bar when stderr is not a terminal
 
 
+def test_fetch_unwritable_cache_names_fix(server, cache):
+    # A file where the weights folder belongs fails like a read-only cache, also for root.
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "weights").write_text("not a folder")
+    entry = make_entry(server.add("/good.h5", BODY))
+
+    with pytest.raises(WeightsError, match="cannot write to the weights cache") as raised:
+        fetch_weights(entry, backoff=0)
+
+    assert "set CRACKJAX_CACHE to a writable folder" in str(raised.value)
+    assert server.requests_for("/good.h5") == []
+
+
 def test_fetch_cached_file_skips_download(server):
     entry = make_entry(server.add("/good.h5", BODY))
     fetch_weights(entry, backoff=0)

@@ -442,13 +442,19 @@ def fetch_weights(
     _expected_checksum(entry)  # reject an invalid entry before any network traffic
 
     target = cached_path(entry)
-    target.parent.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(str(target) + ".lock")
     try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        logger.info("weights %s: waiting for another process that is downloading %s", entry.name, target)
-        lock.acquire()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            logger.info("weights %s: waiting for another process that is downloading %s", entry.name, target)
+            lock.acquire()
+    except OSError as error:
+        raise WeightsError(
+            f"cannot write to the weights cache {target.parent} ({error.strerror or error}); make it writable, "
+            f"set CRACKJAX_CACHE to a writable folder, or place the file elsewhere and pass its path"
+        ) from None
 
     try:
         # Another process may have finished the download while this one waited for the lock.
