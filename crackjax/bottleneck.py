@@ -215,15 +215,26 @@ def feature_fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, 
     """Compare two `(n, features)` feature matrices row by row.
 
     Returns `max_abs_diff` over all values and the `min_cosine` and `mean_cosine`
-    similarity of matching rows. A row of zeros in both counts as cosine 1.
+    similarity of matching rows. A row of zeros in both counts as cosine 1, and a row
+    of zeros in only one as cosine 0. A row with a NaN or infinite value counts as
+    cosine -1, and makes `max_abs_diff` infinite.
     """
     reference = np.asarray(reference, np.float64)
     candidate = np.asarray(candidate, np.float64)
     if reference.shape != candidate.shape:
         raise ValueError(f"feature shapes differ: {reference.shape} and {candidate.shape}")
+    finite = np.all(np.isfinite(reference), axis=1) & np.all(np.isfinite(candidate), axis=1)
+    reference = np.where(finite[:, None], reference, 0.0)
+    candidate = np.where(finite[:, None], candidate, 0.0)
     dot = np.sum(reference * candidate, axis=1)
-    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
-    cosine = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 1.0)
+    reference_norm = np.linalg.norm(reference, axis=1)
+    candidate_norm = np.linalg.norm(candidate, axis=1)
+    norms = reference_norm * candidate_norm
+    both_zero = (reference_norm == 0) & (candidate_norm == 0)
+    cosine = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
+    cosine = np.where(finite, cosine, -1.0)
+    if not finite.all():
+        return {"max_abs_diff": float("inf"), "min_cosine": float(np.min(cosine)), "mean_cosine": float(np.mean(cosine))}
     return {
         "max_abs_diff": float(np.max(np.abs(reference - candidate))) if reference.size else 0.0,
         "min_cosine": float(np.min(cosine)) if len(cosine) else 1.0,

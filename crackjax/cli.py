@@ -73,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         "for CPU), or auto, which measures both once per machine and backbone and takes onnxruntime when it is faster and its "
         "features match (default %(default)s)",
     )
-    train.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the bottleneck forward pass (default %(default)s)")
+    train.add_argument(
+        "--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+        help="dtype of the bottleneck forward pass; bfloat16 runs on the xla engine only, after its features pass a check "
+        "against float32 on 8 photos of the dataset (min cosine similarity 0.999) (default %(default)s)",
+    )
     train.add_argument("--label-from", choices=("folder", "prefix"), default="folder", help="take labels from sub-folder names or file-name prefixes (default %(default)s)")
     train.add_argument("--prefix-separator", default="_", help="separator after the label prefix, with --label-from prefix (default %(default)r)")
     train.add_argument("--train-fraction", type=float, default=0.7, help="share of each label for training (default %(default)s)")
@@ -193,6 +197,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.dask_workers or args.dask_address:
         from prefect_dask import DaskTaskRunner
 
+        if not args.dask_address:
+            # The local workers share this machine's CPUs, so each ONNX Runtime session
+            # gets its share instead of one thread per CPU.
+            os.environ.setdefault("CRACKJAX_ORT_THREADS", str(max(1, (os.cpu_count() or 1) // args.dask_workers)))
         runner = DaskTaskRunner(address=args.dask_address) if args.dask_address else DaskTaskRunner(cluster_kwargs={"n_workers": args.dask_workers, "threads_per_worker": 1})
         flow = crack_train.with_options(task_runner=runner)
 

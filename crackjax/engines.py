@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("xla", "onnxruntime")
 ENGINE_CHOICES = ("auto", *ENGINES)
+INSTALL_ONNXRUNTIME = "install them with `.venv/bin/pip install -c constraints.txt onnx onnxruntime`"
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # The largest absolute difference between the engines' features that still counts as the same features.
 PARITY_TOLERANCE = 1e-3
@@ -75,6 +76,13 @@ def check_engine_options(engine: str, compute_dtype: str) -> None:
         raise CrackjaxError(f"compute dtype {compute_dtype!r} is unknown; use one of {', '.join(COMPUTE_DTYPES)}")
     if engine == "onnxruntime" and compute_dtype != "float32":
         raise CrackjaxError(f"the onnxruntime engine runs float32 only, not {compute_dtype}; use --engine xla (or auto) with --compute-dtype {compute_dtype}")
+    if engine == "onnxruntime" and not onnxruntime_installed():
+        raise CrackjaxError(f"the onnxruntime engine needs the onnx and onnxruntime packages, which are not installed; {INSTALL_ONNXRUNTIME}, or use --engine auto")
+
+
+def onnxruntime_installed() -> bool:
+    """Return whether the onnx and onnxruntime packages are installed (found, not imported)."""
+    return find_spec("onnxruntime") is not None and find_spec("onnx") is not None
 
 
 def choose_engine(requested: str, backbone_name: str, weights_name: str, weights_path: str | Path, weights_sha256: str, compute_dtype: str = "float32") -> EngineChoice:
@@ -88,7 +96,7 @@ def choose_engine(requested: str, backbone_name: str, weights_name: str, weights
         return EngineChoice(requested, "named by the caller")
     if compute_dtype != "float32":
         return EngineChoice("xla", f"the onnxruntime engine runs float32 only, not {compute_dtype}")
-    if find_spec("onnxruntime") is None or find_spec("onnx") is None:
+    if not onnxruntime_installed():
         return EngineChoice("xla", "onnxruntime is not installed")
     if not onnx_supported(backbone_name):
         return EngineChoice("xla", f"the onnxruntime engine has no graph of {backbone_name}")
@@ -108,7 +116,7 @@ def choose_engine(requested: str, backbone_name: str, weights_name: str, weights
         return EngineChoice(record["engine"], f"{describe(record)}; record {path}", record)
     record = calibrate(backbone_name, weights_name, weights_path)
     if _write_record(path, record):
-        log.info("engine: %s for %s (%s); kept in %s", record["engine"], backbone_name, describe(record), path)
+        return EngineChoice(record["engine"], f"{describe(record)}; record {path}", record)
     return EngineChoice(record["engine"], describe(record), record)
 
 
@@ -235,10 +243,11 @@ def check_bfloat16(backbone_name: str, weights_name: str, weights_path: str | Pa
         bfloat16 = load_backbone(backbone_name, weights_name, weights_path, compute_dtype="bfloat16", engine="xla")
         fidelity = feature_fidelity(np.asarray(float32.features(images)), np.asarray(bfloat16.features(images)))
         record = {"backbone": backbone_name, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %z"), "images": len(images), "machine": _machine(), **fidelity}
-        if _write_record(path, record):
-            log.info("engine: bfloat16 features of %s have min cosine similarity %.5f to float32 on %d images; kept in %s", backbone_name, record["min_cosine"], len(images), path)
-    if record["min_cosine"] < BFLOAT16_MIN_COSINE:
-        where = f" (record {path})" if path.is_file() else ""
+        _write_record(path, record)
+    where = f" (record {path})" if path.is_file() else ""
+    log.info("engine: bfloat16 features of %s have min cosine similarity %.5f to float32 on %d photos%s", backbone_name, record["min_cosine"], record["images"], where)
+    # `not >=` also rejects a NaN similarity.
+    if not record["min_cosine"] >= BFLOAT16_MIN_COSINE:
         raise CrackjaxError(
             f"bfloat16 features of {backbone_name} reach a min cosine similarity of only {record['min_cosine']:.5f} to float32 "
             f"on {record['images']} photos of this dataset (max abs difference {record['max_abs_diff']:.2g}), below the "
@@ -313,6 +322,8 @@ def _well_formed(record, measure: str) -> bool:
     for field, kind in _RECORD_FIELDS[measure].items():
         if not isinstance(record.get(field), kind) or isinstance(record.get(field), bool):
             return False
+    if not all(record.get(field) is None or isinstance(record[field], str) for field in ("error", "measured_at")):
+        return False
     if measure == "engines":
         if record["engine"] not in ENGINES:
             return False

@@ -357,15 +357,32 @@ def build_onnx_model(backbone_name: str, variables: Params):
 
 
 def session_options(threads: int | None = None):
-    """Return ONNX Runtime session options: `threads` intra-op threads (default: all CPUs), all graph optimizations."""
+    """Return ONNX Runtime session options: `threads` intra-op threads, all graph optimizations.
+
+    `threads` defaults to `$CRACKJAX_ORT_THREADS`, else the CPUs this process may use.
+    Several engine processes on one machine (local Dask workers) share the CPUs by
+    setting that variable.
+    """
     import onnxruntime
 
+    if threads is None:
+        threads = ort_threads()
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
+
+
+def ort_threads() -> int:
+    """Return the intra-op thread count: `$CRACKJAX_ORT_THREADS` when it is a positive whole number, else the usable CPUs."""
+    value = os.environ.get("CRACKJAX_ORT_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    if value:
+        log.warning("backbone: CRACKJAX_ORT_THREADS=%r is not a positive whole number; using every CPU", value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclasses.dataclass(frozen=True)

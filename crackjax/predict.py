@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import time
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +54,26 @@ def head_probabilities(params: dict, mean: np.ndarray, std: np.ndarray, features
 def _runnable_engine(requested: str | None, trained: str) -> str:
     """Return the engine to run: `requested`, else the one the model was trained with.
 
-    A model trained with onnxruntime runs with xla when the onnxruntime package is
-    missing, because both engines give the same features within 1e-3. An explicitly
+    A model trained with onnxruntime runs with xla when onnxruntime cannot be
+    imported, because both engines give the same features within 1e-3. An explicitly
     requested onnxruntime raises ModelError instead.
     """
+    from crackjax.engines import INSTALL_ONNXRUNTIME
+
     engine = requested or trained
-    if engine != "onnxruntime" or (find_spec("onnxruntime") is not None and find_spec("onnx") is not None):
+    if engine != "onnxruntime":
+        return engine
+    try:
+        # Importing, not only finding, also catches a broken installation.
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as error:
+        problem = f"onnxruntime cannot be imported ({error})"
+    else:
         return engine
     if requested:
-        raise ModelError("the onnxruntime engine needs the onnx and onnxruntime packages; install them (`make install`) or pass --engine xla")
-    log.warning("predict: the model was trained with the onnxruntime engine, but onnxruntime is not installed; running the backbone with xla, whose features match within 1e-3")
+        raise ModelError(f"the onnxruntime engine needs the onnx and onnxruntime packages, but {problem}; {INSTALL_ONNXRUNTIME}, or pass --engine xla")
+    log.warning("predict: the model was trained with the onnxruntime engine, but %s; running the backbone with xla, whose features match within 1e-3", problem)
     return "xla"
 
 

@@ -84,8 +84,10 @@ def outputs_exist(result: dict) -> bool:
     return True
 
 
-# Fields of stage results that describe how a run went, not what it produced.
-_VOLATILE_FIELDS = frozenset({"seconds", "computed", "cached", "decoded"})
+# Fields of stage results that describe how a run went, not what it produced. The
+# weights file is identified by its sha256, so its path and the text of a fallback
+# (which names the cache folder and the download error) do not key a stage either.
+_VOLATILE_FIELDS = frozenset({"seconds", "computed", "cached", "decoded", "weights_path", "fallback_reason"})
 
 
 def _jsonable(value):

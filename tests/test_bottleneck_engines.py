@@ -75,6 +75,16 @@ def test_feature_fidelity_values():
     assert orthogonal["min_cosine"] == pytest.approx(0.0)
 
 
+def test_feature_fidelity_zero_and_nan_rows():
+    one_sided_zero = feature_fidelity(np.array([[1.0, 1.0], [0.0, 0.0]]), np.array([[1.0, 1.0], [1.0, 0.0]]))
+    assert one_sided_zero["min_cosine"] == 0.0
+
+    with_nan = feature_fidelity(np.array([[1.0, 1.0], [1.0, 1.0]]), np.array([[1.0, 1.0], [np.nan, 1.0]]))
+    assert with_nan["min_cosine"] == -1.0
+    assert with_nan["max_abs_diff"] == float("inf")
+    assert with_nan["mean_cosine"] == pytest.approx(0.0)
+
+
 def test_feature_fidelity_shape_mismatch():
     with pytest.raises(ValueError, match="feature shapes differ"):
         feature_fidelity(np.zeros((2, 3)), np.zeros((3, 3)))

@@ -49,7 +49,7 @@ def test_auto_calibration_record_reused(lite0, tmp_path, monkeypatch, caplog):
     assert 0 <= record["max_abs_diff"] <= engines.PARITY_TOLERANCE
     faster = max(engines.ENGINES, key=lambda name: record[f"{name}_images_per_second"])
     assert choice.engine == faster
-    assert f"kept in {record_path}" in caplog.text
+    assert choice.reason.endswith(f"; record {record_path}")
 
     def no_second_calibration(*args):
         raise AssertionError("calibrated again although a record exists")
@@ -113,6 +113,17 @@ def test_record_with_wrong_types_is_measured_again(lite0, caplog):
     assert json.loads(path.read_text()) == choice.calibration
 
 
+def test_record_with_non_text_error_is_measured_again(lite0, caplog):
+    path = engines.calibration_path(lite0["backbone_name"], lite0["weights_sha256"])
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"backbone": "efficientnet_lite0", "engine": "xla", "xla_images_per_second": 10.0, "error": 1}), encoding="utf-8")
+
+    choice = engines.choose_engine("auto", **lite0)
+
+    assert "has values of the wrong type; measuring again" in caplog.text
+    assert json.loads(path.read_text()) == choice.calibration
+
+
 def test_unwritable_record_folder_logs_warning(lite0, tmp_path, caplog):
     # A file where the records folder belongs fails like a read-only cache, also for root.
     (tmp_path / "cache").mkdir()
@@ -122,7 +133,7 @@ def test_unwritable_record_folder_logs_warning(lite0, tmp_path, caplog):
 
     assert choice.engine in engines.ENGINES
     assert "cannot write the calibration record" in caplog.text
-    assert "kept in" not in caplog.text
+    assert "; record" not in choice.reason
 
 
 def test_choices_made_without_calibration(lite0, tmp_path, monkeypatch):
@@ -139,6 +150,12 @@ def test_choices_made_without_calibration(lite0, tmp_path, monkeypatch):
     missing = engines.choose_engine("auto", **lite0)
     assert (missing.engine, missing.reason) == ("xla", "onnxruntime is not installed")
     assert _records(tmp_path) == []
+
+    from crackjax.errors import CrackjaxError
+
+    with pytest.raises(CrackjaxError, match="needs the onnx and onnxruntime packages, which are not installed"):
+        engines.check_engine_options("onnxruntime", "float32")
+    engines.check_engine_options("auto", "float32")
 
 
 def test_record_key_covers_weights_and_backbone(lite0):

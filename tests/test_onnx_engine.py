@@ -124,3 +124,21 @@ def test_unknown_engine_rejected(tmp_path):
         load_backbone("efficientnet_lite0", "efficientnet_lite0", tmp_path / "missing.pth", engine="tensorrt")
     with pytest.raises(ValueError, match="float32 only"):
         load_backbone("efficientnet_lite0", "efficientnet_lite0", tmp_path / "missing.pth", compute_dtype="bfloat16", engine="onnxruntime")
+
+
+def test_ort_threads_from_environment(monkeypatch, caplog):
+    from crackjax.onnx_engine import ort_threads
+
+    monkeypatch.delenv("CRACKJAX_ORT_THREADS", raising=False)
+    every_cpu = ort_threads()
+    assert every_cpu >= 1
+    assert session_options().intra_op_num_threads == every_cpu
+
+    monkeypatch.setenv("CRACKJAX_ORT_THREADS", "1")
+    assert ort_threads() == 1
+    assert session_options().intra_op_num_threads == 1
+    assert session_options(threads=3).intra_op_num_threads == 3
+
+    monkeypatch.setenv("CRACKJAX_ORT_THREADS", "half")
+    assert ort_threads() == every_cpu
+    assert "CRACKJAX_ORT_THREADS='half' is not a positive whole number" in caplog.text
