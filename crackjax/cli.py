@@ -197,11 +197,13 @@ def run_train(args: argparse.Namespace) -> int:
     if args.dask_workers or args.dask_address:
         from prefect_dask import DaskTaskRunner
 
-        if not args.dask_address:
-            # The local workers share this machine's CPUs, so each ONNX Runtime session
-            # gets its share instead of one thread per CPU.
-            os.environ.setdefault("CRACKJAX_ORT_THREADS", str(max(1, (os.cpu_count() or 1) // args.dask_workers)))
-        runner = DaskTaskRunner(address=args.dask_address) if args.dask_address else DaskTaskRunner(cluster_kwargs={"n_workers": args.dask_workers, "threads_per_worker": 1})
+        if args.dask_address:
+            runner = DaskTaskRunner(address=args.dask_address)
+        else:
+            # The local workers share this machine's CPUs, so each worker's ONNX Runtime
+            # session gets its share. This process keeps every CPU for the engine calibration.
+            share = os.environ.get("CRACKJAX_ORT_THREADS") or str(max(1, (os.cpu_count() or 1) // args.dask_workers))
+            runner = DaskTaskRunner(cluster_kwargs={"n_workers": args.dask_workers, "threads_per_worker": 1, "env": {"CRACKJAX_ORT_THREADS": share}})
         flow = crack_train.with_options(task_runner=runner)
 
     result = flow(

@@ -12,8 +12,9 @@ decides like this:
   engine is chosen only when its features match XLA's within `PARITY_TOLERANCE` (max
   absolute difference) and it is faster. The figures are kept as a small JSON record
   in `cache_dir()/engines`. Its key covers the backbone, the weights file's sha256,
-  the CPU, the library versions, the XLA flags and the engines' source, so calibration
-  runs once per machine and backbone. Deleting the record measures again.
+  the CPU, the library versions, the XLA flags, `CRACKJAX_ORT_THREADS` and the
+  engines' source, so calibration runs once per machine and backbone. Deleting the
+  record measures again.
 
 An explicit "xla" or "onnxruntime" is used as given. `check_bfloat16` compares
 bfloat16 features with float32 ones on photos of the dataset, since synthetic probe
@@ -148,6 +149,7 @@ def calibration_path(backbone_name: str, weights_sha256: str, measure: str = "en
         "device": _device(),
         "versions": {name: _version(name) for name in ("jax", "jaxlib", "onnxruntime", "onnx")},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "ort_threads": os.environ.get("CRACKJAX_ORT_THREADS", ""),
         "code": code_digest("crackjax.onnx_engine", "crackjax.bottleneck", "crackjax.backbones", "crackjax.engines"),
         "probe_batch": PROBE_BATCH,
         "version": CALIBRATION_VERSION,

@@ -408,11 +408,13 @@ class OnnxBackbone:
         started = time.perf_counter()
         model = build_onnx_model(self.backbone.name, self.variables)
         built = time.perf_counter()
-        session = onnxruntime.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+        options = session_options()
+        session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         log.info(
-            "backbone: built the ONNX graph of %s in %.1f s and the ONNX Runtime session in %.1f s",
+            "backbone: built the ONNX graph of %s in %.1f s and the ONNX Runtime session (intra-op threads: %d) in %.1f s",
             self.backbone.name,
             built - started,
+            options.intra_op_num_threads,
             time.perf_counter() - built,
         )
         return session

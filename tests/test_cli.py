@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,23 @@ def test_bfloat16_rejected_on_deck_photos(tmp_path, sdnet_dir):
     assert list(workspace.glob("pixels/*/part-*.parquet")), "preprocess should have run before the check"
     assert not list(workspace.glob("features/*"))
     assert not (workspace / "models").exists()
+
+
+def test_local_dask_workers_share_the_cpus(tmp_path, small_assets):
+    workers = 2
+    completed = _run(
+        ["train", str(small_assets), "--workspace", str(tmp_path / "workspace"), "--backbone", "efficientnet_lite0",
+         "--dask-workers", str(workers), "--shard-size", "20", "--epochs", "5"],
+        tmp_path,
+    )
+
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    # The flow process calibrates with every CPU; the workers, which compute the shards, get a share.
+    share = max(1, (os.cpu_count() or 1) // workers)
+    thread_counts = re.findall(r"ONNX Runtime session \(intra-op threads: (\d+)\)", output)
+    assert str(share) in thread_counts[1:], output
+    assert "bottleneck: 40 images, 0 cached, 40 computed" in output
 
 
 def test_unknown_backbone_lists_known_names(tmp_path, small_assets):

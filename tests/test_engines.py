@@ -248,3 +248,10 @@ def test_engine_options_accepted():
         engines.check_engine_options(engine, "float32")
     engines.check_engine_options("auto", "bfloat16")
     engines.check_engine_options("xla", "bfloat16")
+
+
+def test_record_key_covers_thread_setting(lite0, monkeypatch):
+    monkeypatch.delenv("CRACKJAX_ORT_THREADS", raising=False)
+    every_cpu = engines.calibration_path("efficientnet_lite0", lite0["weights_sha256"])
+    monkeypatch.setenv("CRACKJAX_ORT_THREADS", "1")
+    assert engines.calibration_path("efficientnet_lite0", lite0["weights_sha256"]) != every_cpu
