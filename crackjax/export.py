@@ -124,7 +124,7 @@ def export_model(
 
 def checkpoint_digests(checkpoint: str | Path) -> dict[str, str]:
     """Return the sha256 of every file under `checkpoint`, by POSIX path relative to it."""
-    from crackjax.store import file_digest
+    from crackjax.digests import file_digest
 
     checkpoint = Path(checkpoint)
     return {path.relative_to(checkpoint).as_posix(): file_digest(path) for path in sorted(checkpoint.rglob("*")) if path.is_file()}

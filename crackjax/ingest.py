@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
+from crackjax.digests import file_digest
 from crackjax.errors import DatasetError, ImageError
 from crackjax.images import MAX_IMAGE_PIXELS, image_extensions
 
@@ -84,15 +85,6 @@ class ScanResult:
     records: list[ImageRecord]
     rejected: list[RejectedFile]
     hidden_skipped: int
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Return the hex sha256 of the file at `path`, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def label_from_prefix(file_name: str, separator: str) -> str | None:
@@ -185,7 +177,7 @@ def scan_folder(
                 raise ImageError(path, f"{problem} (--strict stops at the first rejected file; without it such files are skipped)")
             rejected.append(RejectedFile(relative, problem, kind))
             continue
-        candidates.append(ImageRecord(relative, label, sha256_file(path), path.stat().st_size))
+        candidates.append(ImageRecord(relative, label, file_digest(path), path.stat().st_size))
 
     records = _resolve_duplicates(candidates, rejected, strict)
     if label_from == LABEL_FROM_FOLDER:

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crackjax.atomic import TEMP_PREFIX, commit_file, raise_if_no_space, temporary_path, write_json
+from crackjax.digests import file_digest
 from crackjax.errors import CrackjaxError
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,6 @@ class _DigestMismatch(Exception):
 def digest_of(value) -> str:
     """Return the sha256 of `value` serialised as canonical JSON."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def file_digest(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Return the hex sha256 of the bytes of the file at `path`."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class PartStore:

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from crackjax.digests import file_digest
 from crackjax.errors import DatasetError
 from crackjax.ingest import (
     dataset_digest,
@@ -14,7 +15,6 @@ from crackjax.ingest import (
     folder_fingerprint,
     label_from_prefix,
     scan_folder,
-    sha256_file,
     split_records,
 )
 
@@ -27,7 +27,7 @@ def test_scan_sdnet_labels_from_folders(sdnet_dir):
     assert scan.rejected == []
     first = scan.records[0]
     assert first.path == "CD/7001-115.jpg"
-    assert first.sha256 == sha256_file(sdnet_dir / "CD" / "7001-115.jpg")
+    assert first.sha256 == file_digest(sdnet_dir / "CD" / "7001-115.jpg")
 
 
 def test_split_matches_tutorial_fractions(sdnet_dir):

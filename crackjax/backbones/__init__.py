@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -111,11 +110,9 @@ def resolve_backbone(name: str | None = None, weights_path: str | Path | None = 
 
 @functools.cache
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from crackjax.digests import file_digest
+
+    return file_digest(path)
 
 
 def file_sha256(path: str | Path) -> str:

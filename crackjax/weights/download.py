@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import http.client
 import logging
 import os
@@ -27,6 +26,7 @@ from typing import BinaryIO
 
 import filelock
 
+from crackjax.digests import file_digest
 from crackjax.weights.cache import cached_path, locate_weights
 from crackjax.weights.entry import WeightsEntry, WeightsError, WeightsMissingError
 
@@ -63,15 +63,6 @@ def mirrored(entry: WeightsEntry) -> WeightsEntry:
 
 # ---------------------------------------------------------------------------
 # Checksums and the trust-on-first-use record
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    """Return the hex digest of `path` in `algorithm` (`"md5"` or `"sha256"`), reading 1 MiB at a time."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as stream:
-        while chunk := stream.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sidecar_path(entry: WeightsEntry) -> Path:
