@@ -20,7 +20,7 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.pop("PREFECT_API_URL", None)
 
 
-from sdnet_paths import SDNET_DIR  # noqa: E402
+from sdnet_paths import SDNET_DIR, link_labelled  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,12 +40,7 @@ def sdnet_images(sdnet_dir) -> dict[str, list[Path]]:
 @pytest.fixture
 def small_assets(tmp_path, sdnet_images) -> Path:
     """A labelled folder of 20 real images per label, linked from the sample."""
-    root = tmp_path / "assets"
-    for label, paths in sdnet_images.items():
-        (root / label).mkdir(parents=True)
-        for path in paths[:20]:
-            os.symlink(path, root / label / path.name)
-    return root
+    return link_labelled(tmp_path / "assets", sdnet_images, slice(20))
 
 
 @pytest.fixture(scope="session")

@@ -17,3 +17,12 @@ def find_sdnet() -> Path:
 
 
 SDNET_DIR = find_sdnet()
+
+
+def link_labelled(root: Path, images: dict[str, list[Path]], chosen: slice = slice(None)) -> Path:
+    """Symlink the `chosen` images of each label into `root/<label>/` and return `root`."""
+    for label, paths in images.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for path in paths[chosen]:
+            os.symlink(path, root / label / path.name)
+    return root

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from crackjax import registry
+from sdnet_paths import link_labelled
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -177,12 +178,7 @@ def prefect_service(tmp_path):
 @pytest.fixture
 def deployment_assets(tmp_path, sdnet_images) -> Path:
     """30 real images per label, linked from the sample."""
-    root = tmp_path / "assets"
-    for label, paths in sdnet_images.items():
-        (root / label).mkdir(parents=True)
-        for path in paths[:30]:
-            os.symlink(path, root / label / path.name)
-    return root
+    return link_labelled(tmp_path / "assets", sdnet_images, slice(30))
 
 
 def test_deployments_train_register_predict(prefect_service, deployment_assets, tmp_path, sdnet_images):

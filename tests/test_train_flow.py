@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from crackjax.head import predict_proba
 from crackjax.predict import Predictor, predict_path
 from crackjax.store import PartStore
 from flows.crack_train import crack_train
+from sdnet_paths import link_labelled
 
 
 def _task_states(flow_state) -> dict[str, list[str]]:
@@ -94,11 +94,7 @@ def test_head_change_reruns_head_stages_only(trained_workspace, sdnet_dir):
 
 
 def test_added_image_computes_only_its_features(tmp_path, sdnet_images, workspace_copy):
-    assets = tmp_path / "assets"
-    for label, paths in sdnet_images.items():
-        (assets / label).mkdir(parents=True)
-        for path in paths:
-            os.symlink(path, assets / label / path.name)
+    assets = link_labelled(tmp_path / "assets", sdnet_images)
     with Image.open(sdnet_images["CD"][0]) as image:
         image.rotate(90).save(assets / "CD" / "new-rotated.jpg", quality=95)
 
@@ -130,11 +126,7 @@ def test_predict_matches_pipeline_features(trained_workspace, sdnet_dir):
 
 
 def test_predict_folder_reports_true_labels(trained_workspace, sdnet_images, tmp_path):
-    folder = tmp_path / "inspect"
-    for label, paths in sdnet_images.items():
-        (folder / label).mkdir(parents=True)
-        for path in paths[-5:]:
-            os.symlink(path, folder / label / path.name)
+    folder = link_labelled(tmp_path / "inspect", sdnet_images, slice(-5, None))
 
     results = predict_path(Predictor(trained_workspace["result"]["model_dir"]), folder)
 
