@@ -1,9 +1,9 @@
 """Choosing the bottleneck engine: "auto" measures both engines once per machine and backbone.
 
 Two engines run the same backbone variables: "xla" (the jitted Flax module) and
-"onnxruntime" (`crackjax.onnx_engine`). On 2 CPU cores the onnxruntime engine ran two
-to four times faster than XLA (docs/benchmarks.md). The onnxruntime package installed
-here runs on CPU only, so on GPU and TPU XLA runs. `choose_engine("auto", ...)`
+"onnxruntime" (`crackjax.onnx_engine`). On 2 CPU cores the onnxruntime engine ran 1.5
+to 5 times faster than XLA (docs/benchmarks.md). The onnxruntime package that crackjax
+installs runs on CPU only, so on GPU and TPU XLA runs. `choose_engine("auto", ...)`
 decides like this:
 
 * `xla` when the compute dtype is not float32, onnxruntime is not installed, the
@@ -72,9 +72,9 @@ def check_engine_options(engine: str, compute_dtype: str) -> None:
     from crackjax.errors import CrackjaxError
 
     if engine not in ENGINE_CHOICES:
-        raise CrackjaxError(f"engine {engine!r} is unknown; use one of {', '.join(ENGINE_CHOICES)}")
+        raise CrackjaxError(f"engine {engine!r} is invalid; use one of {', '.join(ENGINE_CHOICES)}")
     if compute_dtype not in COMPUTE_DTYPES:
-        raise CrackjaxError(f"compute dtype {compute_dtype!r} is unknown; use one of {', '.join(COMPUTE_DTYPES)}")
+        raise CrackjaxError(f"compute dtype {compute_dtype!r} is invalid; use one of {', '.join(COMPUTE_DTYPES)}")
     if engine == "onnxruntime" and compute_dtype != "float32":
         raise CrackjaxError(f"the onnxruntime engine runs float32 only, not {compute_dtype}; use --engine xla (or auto) with --compute-dtype {compute_dtype}")
     if engine == "onnxruntime" and not onnxruntime_installed():
@@ -266,7 +266,7 @@ def _seconds(features, images: np.ndarray) -> float:
 
 
 def _machine() -> dict:
-    """Describe what decides engine speed: processor model, usable cores and architecture."""
+    """Return the processor model, usable cores and architecture, which decide engine speed."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
@@ -281,7 +281,7 @@ def _machine() -> dict:
 
 
 def _device() -> str:
-    """Return JAX's default platform and device kind, such as `cpu:cpu` or `gpu:NVIDIA H200`."""
+    """Return JAX's default platform and device kind, such as `cpu:cpu`."""
     import jax
 
     return f"{jax.default_backend()}:{jax.devices()[0].device_kind}"

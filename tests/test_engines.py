@@ -101,7 +101,7 @@ def test_unreadable_record_is_measured_again(lite0, tmp_path, caplog):
     assert json.loads(path.read_text()) == choice.calibration
 
 
-def test_record_with_wrong_types_is_measured_again(lite0, caplog):
+def test_wrong_typed_record_remeasured(lite0, caplog):
     path = engines.calibration_path(lite0["backbone_name"], lite0["weights_sha256"])
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"backbone": "efficientnet_lite0", "engine": "onnxruntime", "xla_images_per_second": "n/a"}), encoding="utf-8")
@@ -113,7 +113,7 @@ def test_record_with_wrong_types_is_measured_again(lite0, caplog):
     assert json.loads(path.read_text()) == choice.calibration
 
 
-def test_record_with_non_text_error_is_measured_again(lite0, caplog):
+def test_non_text_error_record_remeasured(lite0, caplog):
     path = engines.calibration_path(lite0["backbone_name"], lite0["weights_sha256"])
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"backbone": "efficientnet_lite0", "engine": "xla", "xla_images_per_second": 10.0, "error": 1}), encoding="utf-8")
@@ -230,8 +230,8 @@ def test_bfloat16_check_rejects_lite0_on_photos(lite0, deck_photos, monkeypatch)
 @pytest.mark.parametrize(
     ("engine", "compute_dtype", "message"),
     [
-        ("tensorrt", "float32", "engine 'tensorrt' is unknown; use one of auto, xla, onnxruntime"),
-        ("auto", "float16", "compute dtype 'float16' is unknown; use one of float32, bfloat16"),
+        ("tensorrt", "float32", "engine 'tensorrt' is invalid; use one of auto, xla, onnxruntime"),
+        ("auto", "float16", "compute dtype 'float16' is invalid; use one of float32, bfloat16"),
         ("onnxruntime", "bfloat16", "the onnxruntime engine runs float32 only, not bfloat16; use --engine xla (or auto)"),
     ],
 )

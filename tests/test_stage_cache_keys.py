@@ -18,7 +18,7 @@ def _export_key(backbone: dict) -> str:
     return stage_cache_policy("export").compute_key(None, {"workspace": "/w", "backbone": backbone, "trained": {"head": "h", "seconds": 1.5}}, {})
 
 
-def test_weights_location_and_fallback_text_do_not_key():
+def test_weights_path_and_fallback_unkeyed():
     moved = {**BACKBONE, "weights_path": "/srv/cache/weights/resnet101v2.h5"}
     reworded = {**BACKBONE, "fallback_reason": "could not reach https://example.invalid: timed out"}
 
